@@ -83,7 +83,9 @@ void invert_bucket(at::TensorList factors, at::ArrayRef<double> damping,
   at::Tensor inv = at::cholesky_inverse(chol);
   inv = (inv + inv.mT()).mul_(0.5);
   const at::ScalarType out_dtype = factors[bucket[0]].scalar_type();
-  inv = inv.to(out_dtype);  // a float64 retry may overflow float32 here: checked next
+  // Contiguous outputs (the sum above and LAPACK's column-major results need not be); a float64
+  // retry may overflow float32 in the cast: checked next.
+  inv = inv.to(out_dtype).contiguous();
   const at::Tensor ok = finite.logical_and(info.eq(0)).logical_and(finite_per_matrix(inv));
   const std::vector<bool> ok_h = to_host(ok), finite_h = to_host(finite);
 
@@ -127,7 +129,7 @@ void eigen_bucket(at::TensorList factors, const std::vector<size_t>& bucket,
   }
   const at::ScalarType out_dtype = factors[bucket[0]].scalar_type();
   evals = evals.clamp_min(0).to(out_dtype);
-  evecs = evecs.to(out_dtype);
+  evecs = evecs.to(out_dtype).contiguous();
   const at::Tensor ok = finite.logical_and(finite_per_matrix(evals))
                             .logical_and(finite_per_matrix(evecs));
   const std::vector<bool> ok_h = to_host(ok), finite_h = to_host(finite);
