@@ -11,8 +11,9 @@ Factor conventions (for a layer with ``N`` examples of ``T`` rows each, ``T`` = 
   the loss as the user computes it.
 
 Both are exponential moving averages over steps, ``F ← ρ F + (1-ρ) F_step`` (the first update
-initialises). With gradient accumulation over ``k`` micro-batches, ``F_step`` averages them and
-the micro-batch losses are assumed divided by ``k`` (the usual recipe).
+initialises). ``F_step`` averages the micro-batches of a step: every forward in train mode with
+grad enabled during a factor-update step counts as one. With ``grad_accumulation_steps=k`` the
+micro-batch losses are assumed divided by ``k`` (the usual recipe; it matters for "empirical").
 """
 
 from __future__ import annotations
@@ -162,10 +163,13 @@ class KFACPreconditioner:
         self._pending_step = -1
         self._pending_a: dict[str, list[Tensor]] = {}
         self._pending_g: dict[str, list[tuple[Tensor, float]]] = {}
+        self._forwards = 0  # captured forwards (micro-batches) of the pending step
         self._g_weight: float | None = None  # set while a capturing backward runs
-        self._handles = [model.register_forward_pre_hook(self._model_pre_hook)]
+        # Layer hooks first: when the model is itself a layer, its tensor hook must exist before
+        # the model hook runs the sampled backward (hooks run in registration order).
+        self._handles = [layer.module.register_forward_hook(self._layer_hook) for layer in self.layers]
+        self._handles += [model.register_forward_pre_hook(self._model_pre_hook, prepend=True)]
         self._handles += [model.register_forward_hook(self._model_hook)]
-        self._handles += [layer.module.register_forward_hook(self._layer_hook) for layer in self.layers]
 
     # ---- capture ---------------------------------------------------------------------------
 
@@ -177,7 +181,7 @@ class KFACPreconditioner:
 
     def _model_pre_hook(self, module, inputs):
         if self._pending_step != self.steps:  # left over from a step that never ran (e.g. skipped by a GradScaler)
-            self._pending_a, self._pending_g = {}, {}
+            self._clear_pending()
             self._pending_step = self.steps
 
     def _layer_hook(self, module, inputs, output):
@@ -199,12 +203,12 @@ class KFACPreconditioner:
 
     def _empirical_weight(self, grad: Tensor) -> float:
         # Hooks see h = ∂L/∂s of the loss the backward ran on; per-example g = k·s·h (s = N for
-        # "mean", undoing the mean; k = accumulation steps, undoing the 1/k of each micro-batch).
-        # F_step = (1/k) Σ_micro w Σ g gᵀ, w = 1/N ("mean") or 1.
+        # "mean", undoing the mean; k = accumulation steps, undoing the 1/k of each micro-batch);
+        # this micro-batch's G is w Σ g gᵀ, w = 1/N ("mean") or 1.
         k, n = self.grad_accumulation_steps, self._batch_size
         s = float(n) if self.reduction == "mean" else 1.0
         w = 1.0 / n if self.reduction == "mean" else 1.0
-        weight = w * (k * s) ** 2 / k
+        weight = w * (k * s) ** 2
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             weight /= float(self.grad_scaler.get_scale()) ** 2
         return weight
@@ -219,16 +223,16 @@ class KFACPreconditioner:
                 "fisher_type='empirical')"
             )
         self._batch_size = output.shape[0]
+        self._forwards += 1
         if self.fisher_type == "empirical" or not output.requires_grad:
             return
-        n, k = output.shape[0], self.grad_accumulation_steps
-        w = 1.0 / n if self.reduction == "mean" else 1.0
+        w = 1.0 / output.shape[0] if self.reduction == "mean" else 1.0
         if self.fisher_type == "mc":
             directions = [self.loss.sample_output_grads(output, self.generator) for _ in range(self.mc_samples)]
-            weight = w / (self.mc_samples * k)
+            weight = w / self.mc_samples
         else:
             directions = list(self.loss.hessian_sqrt(output))
-            weight = w / k
+            weight = w
         params = [layer.module.weight for layer in self.layers]
         self._g_weight = weight
         try:
@@ -251,7 +255,7 @@ class KFACPreconditioner:
         self.last_raw_gradients = grads
         if self._is_factor_step():
             self._update_factors()
-        self._pending_a, self._pending_g = {}, {}
+        self._clear_pending()
         if self._a and (not self._inv or self.steps % max(1, int(_value(self.inv_update_steps, self.steps))) == 0):
             self._update_inverses()
         ok = self._precondition(grads)
@@ -307,8 +311,9 @@ class KFACPreconditioner:
         rho = 0.0 if first else float(_value(self.factor_decay, self.steps))
         self._factor_update([self._a[l.name] for l in self.layers], xa, rho,
                             [(1 - rho) / a.shape[0] for a in xa], [l.has_bias for l in self.layers])
+        # F_step averages the micro-batches: A through its rows, G through the forward count.
         self._factor_update([self._g[l.name] for l in self.layers], [g for g, _ in xg], rho,
-                            [(1 - rho) * w for _, w in xg], False)
+                            [(1 - rho) * w / self._forwards for _, w in xg], False)
         self.stats["factor_updates"] += 1
 
     def _factor_update(self, factors, xs, decay, scales, append_ones) -> None:
@@ -457,12 +462,17 @@ class KFACPreconditioner:
         if state.get("damping") is not None and not callable(self.damping):
             self.damping = state["damping"]
         self._warned = set(state["warned"])
-        self._pending_a, self._pending_g, self._pending_step = {}, {}, self.steps
+        self._clear_pending()
+        self._pending_step = self.steps
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+    def _clear_pending(self) -> None:
+        self._pending_a, self._pending_g, self._forwards = {}, {}, 0
 
 
 def _check_choice(name: str, value, choices) -> None:
