@@ -9,11 +9,11 @@
 # The native module has no RUNPATH to torch's libraries: torch must be loaded first.
 import torch  # noqa: F401
 
-from . import _C, ops  # noqa: F401  (importing _C registers torch.ops.kfac_ext.*)
+from . import _C, natural, ops  # noqa: F401  (importing _C registers torch.ops.kfac_ext.*)
 from .optimizer import KFAC
 from .ops import Status
 from .preconditioner import KFACPreconditioner
 
 build_info = _C.build_info
 
-__all__ = ["KFAC", "KFACPreconditioner", "Status", "build_info", "ops"]
+__all__ = ["KFAC", "KFACPreconditioner", "Status", "build_info", "natural", "ops"]
