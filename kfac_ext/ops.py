@@ -12,7 +12,8 @@ Conventions (pinned by ``tests/``):
   bfloat16 or float16 and are cast up to the factor dtype before any arithmetic.
 * Ops take every scale and damping explicitly; none is guessed.
 
-Failed inversions never raise: they are reported per factor through a :class:`Status` tensor and
+An empty list raises ``ValueError``; every other bad argument raises ``RuntimeError`` from the
+native check, naming the op and the argument. Failed inversions never raise: they are reported per factor through a :class:`Status` tensor and
 their results are all zeros (never NaN), so a caller that ignores the status cannot push NaN
 into its parameters.
 """
@@ -48,6 +49,15 @@ class Status(enum.IntEnum):
     NON_FINITE_INPUT = 3
 
 
+def _nonempty(op: str, arg: str, tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The list itself; an empty one is refused here because the dispatcher needs a tensor to
+    pick a device kernel, so the native check would never run."""
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError(f"{op}: {arg} must hold at least one tensor, got an empty list")
+    return tensors
+
+
 def _per_layer(value, n: int, name: str, kind: type) -> list:
     """Broadcasts a scalar to one value per layer, or checks a sequence has one per layer."""
     if isinstance(value, (bool, int, float)):
@@ -81,9 +91,10 @@ def factor_update_(
     Non-finite inputs are not checked here (a host sync on CUDA); they propagate into the factor.
     The optimizer screens activations before calling this.
     """
+    factors = _nonempty("factor_update", "factors", factors)
     n = len(factors)
     torch.ops.kfac_ext.factor_update(
-        list(factors),
+        factors,
         list(xs),
         float(decay),
         _per_layer(scales, n, "scales", float),
@@ -108,8 +119,9 @@ def damped_inverse(
         the status is ``FAILED`` or ``NON_FINITE_INPUT``) and an int32 :class:`Status` per factor
         on the factors' device.
     """
+    factors = _nonempty("damped_inverse", "factors", factors)
     return torch.ops.kfac_ext.damped_inverse(
-        list(factors), _per_layer(damping, len(factors), "damping", float)
+        factors, _per_layer(damping, len(factors), "damping", float)
     )
 
 
@@ -123,7 +135,7 @@ def eigen_decompose(factors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tenso
         ``(eigenvalues, eigenvectors, status)``: ``[n_i]`` ascending eigenvalues, ``[n_i, n_i]``
         eigenvectors (columns), and an int32 :class:`Status` per factor.
     """
-    return torch.ops.kfac_ext.eigen_decompose(list(factors))
+    return torch.ops.kfac_ext.eigen_decompose(_nonempty("eigen_decompose", "factors", factors))
 
 
 def kron_matmul(
@@ -138,7 +150,8 @@ def kron_matmul(
     Returns:
         ``[m_i, n_i]`` results in the mats' dtype.
     """
-    return torch.ops.kfac_ext.kron_matmul(list(lefts), list(mats), list(rights))
+    lefts = _nonempty("kron_matmul", "lefts", lefts)
+    return torch.ops.kfac_ext.kron_matmul(lefts, list(mats), list(rights))
 
 
 def precondition_inverse(
@@ -173,10 +186,11 @@ def precondition_eigen(
             divides by zero; pass ``γ > 0`` unless the factors are known to be positive definite.
             Factored (Tikhonov) damping is ``λ_G + γ_G``, ``λ_A + γ_A`` added by the caller.
     """
+    grads = _nonempty("precondition_eigen", "grads", grads)
     return torch.ops.kfac_ext.precondition_eigen(
         list(g_eigenvectors),
         list(g_eigenvalues),
-        list(grads),
+        grads,
         list(a_eigenvectors),
         list(a_eigenvalues),
         _per_layer(damping, len(grads), "damping", float),

@@ -79,21 +79,25 @@ void invert_bucket(at::TensorList factors, at::ArrayRef<double> damping,
   const at::Tensor finite = finite_per_matrix(batch);
   at::Tensor damped = identity_where_not(batch, finite);
   damped.diagonal(0, -2, -1).add_(gamma);
-  const auto [chol, info] = at::linalg_cholesky_ex(damped);
+  const auto [chol_raw, info] = at::linalg_cholesky_ex(damped);
+  // A pivot that overflowed (inf) passes LAPACK's check; a failed factor must not reach
+  // cholesky_inverse either (it throws on a zero pivot and would lose the whole batch).
+  const at::Tensor factored = info.eq(0).logical_and(finite_per_matrix(chol_raw));
+  const at::Tensor chol = identity_where_not(chol_raw, factored);
   at::Tensor inv = at::cholesky_inverse(chol);
   inv = (inv + inv.mT()).mul_(0.5);
   const at::ScalarType out_dtype = factors[bucket[0]].scalar_type();
   // Contiguous outputs (the sum above and LAPACK's column-major results need not be); a float64
   // retry may overflow float32 in the cast: checked next.
   inv = inv.to(out_dtype).contiguous();
-  const at::Tensor ok = finite.logical_and(info.eq(0)).logical_and(finite_per_matrix(inv));
+  const at::Tensor ok = finite.logical_and(factored).logical_and(finite_per_matrix(inv));
   const std::vector<bool> ok_h = to_host(ok), finite_h = to_host(finite);
 
   std::vector<size_t> retry;
   for (size_t k = 0; k < bucket.size(); ++k) {
     const size_t i = bucket[k];
     if (ok_h[k]) {
-      out.inverses[i] = inv[k];
+      out.inverses[i] = inv[k].clone();  // own storage: outputs must not alias each other
       out.status[i] = static_cast<int32_t>(is_retry ? Status::kOkAfterFp64Retry : Status::kOk);
       continue;
     }
@@ -138,8 +142,8 @@ void eigen_bucket(at::TensorList factors, const std::vector<size_t>& bucket,
   for (size_t k = 0; k < bucket.size(); ++k) {
     const size_t i = bucket[k];
     if (ok_h[k]) {
-      out.eigenvalues[i] = evals[k];
-      out.eigenvectors[i] = evecs[k];
+      out.eigenvalues[i] = evals[k].clone();  // own storage: outputs must not alias
+      out.eigenvectors[i] = evecs[k].clone();
       out.status[i] = static_cast<int32_t>(is_retry ? Status::kOkAfterFp64Retry : Status::kOk);
       continue;
     }

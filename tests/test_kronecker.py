@@ -1,0 +1,276 @@
+"""kron_matmul and the preconditioners, vs dense Kronecker matrices and torch.linalg.solve."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import TOL, random_orthogonal, random_spd, rel_err, replace, requires_cuda
+
+import kfac_ext.reference as reference
+from kfac_ext import Status, ops
+
+OPS = ("kron_matmul", "precondition_eigen", "damped_inverse", "eigen_decompose")
+
+DTYPES = [torch.float32, torch.float64]
+MAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# (m, p, q, n): lefts [m, p] @ mats [p, q] @ rights[n, q].T -> [m, n]
+SHAPES = [(1, 1, 1, 1), (3, 5, 4, 2), (17, 1, 65, 3), (20, 33, 17, 9), (64, 65, 200, 17)]
+# (out, in + 1): gradient shapes of a layer with its bias column
+LAYERS = [(1, 2), (3, 18), (17, 4), (10, 65), (3, 18)]
+SOLVE_TOL = {torch.float32: 5e-5, torch.float64: 1e-11}
+
+
+def dense_kron_solve(g: torch.Tensor, a: torch.Tensor, grad: torch.Tensor, gamma: float = 0.0):
+    """``(G ⊗ A + γI)⁻¹ vec(grad)`` in float64 from the dense Kronecker matrix."""
+    k = torch.kron(g.double(), a.double())
+    k = k + gamma * torch.eye(k.shape[0], dtype=torch.float64, device=k.device)
+    return torch.linalg.solve(k, grad.double().flatten()).reshape(grad.shape)
+
+
+def tol(*dtypes) -> float:
+    return max(TOL[d] for d in dtypes)
+
+
+# ---- kron_matmul ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m,p,q,n", SHAPES[:4])
+def test_kron_matmul_is_dense_kronecker_product(device, m, p, q, n):
+    """(L ⊗ R) vec(C) == vec(L C Rᵀ) for row-major vec, with the dense Kronecker matrix."""
+    l, c, r = (torch.randn(*s, dtype=torch.float64, device=device) for s in [(m, p), (p, q), (n, q)])
+    dense = (torch.kron(l, r) @ c.flatten()).reshape(m, n)
+    assert rel_err(l @ c @ r.T, dense) < 1e-12  # the convention itself
+    (out,) = ops.kron_matmul([l], [c], [r])
+    assert out.shape == (m, n)
+    assert rel_err(out, dense) < 1e-12
+
+
+@pytest.mark.parametrize("m,p,q,n", SHAPES)
+@pytest.mark.parametrize("mat_dtype", MAT_DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kron_matmul_dtypes(device, m, p, q, n, mat_dtype, dtype):
+    l, r = torch.randn(m, p, dtype=dtype, device=device), torch.randn(n, q, dtype=dtype, device=device)
+    c = torch.randn(p, q, device=device).to(mat_dtype)
+    (out,) = ops.kron_matmul([l], [c], [r])
+    assert out.dtype == mat_dtype and out.shape == (m, n) and out.device == c.device
+    assert rel_err(out, l.double() @ c.double() @ r.double().T) < tol(dtype, mat_dtype)
+
+
+@pytest.mark.parametrize("mat_dtype", MAT_DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kron_matmul_many_layers_and_reference(device, mat_dtype, dtype):
+    lefts = [torch.randn(m, p, dtype=dtype, device=device) for m, p, _, _ in SHAPES]
+    mats = [torch.randn(p, q, device=device).to(mat_dtype) for _, p, q, _ in SHAPES]
+    rights = [torch.randn(n, q, dtype=dtype, device=device) for _, _, q, n in SHAPES]
+    outs = ops.kron_matmul(lefts, mats, rights)
+    refs = reference.kron_matmul(lefts, mats, rights)
+    for l, c, r, out, ref in zip(lefts, mats, rights, outs, refs):
+        assert out.dtype == ref.dtype == mat_dtype
+        assert rel_err(out, l.double() @ c.double() @ r.double().T) < tol(dtype, mat_dtype)
+        assert rel_err(out, ref) < tol(dtype, mat_dtype)
+
+
+# ---- preconditioners -----------------------------------------------------------------------------
+
+
+def random_layers(dtype, device):
+    gs = [random_spd(out, dtype, device) for out, _ in LAYERS]
+    as_ = [random_spd(inp, dtype, device) for _, inp in LAYERS]
+    return gs, as_
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_precondition_inverse(device, dtype):
+    gs, as_ = random_layers(dtype, device)
+    grads = [torch.randn(out, inp, dtype=dtype, device=device) for out, inp in LAYERS]
+    g_damping = [0.1 * (i + 1) for i in range(len(LAYERS))]
+    a_damping = [0.05 / (i + 1) for i in range(len(LAYERS))]
+    inverses, status = ops.damped_inverse(gs + as_, g_damping + a_damping)
+    assert (status == Status.OK).all()
+    g_inv, a_inv = inverses[: len(gs)], inverses[len(gs) :]
+    outs = ops.precondition_inverse(g_inv, grads, a_inv)
+    refs = reference.precondition_inverse(g_inv, grads, a_inv)
+    for g, a, grad, gg, ga, out, ref in zip(gs, as_, grads, g_damping, a_damping, outs, refs):
+        eye_g = torch.eye(g.shape[0], dtype=dtype, device=device)
+        eye_a = torch.eye(a.shape[0], dtype=dtype, device=device)
+        expected = dense_kron_solve(g + gg * eye_g, a + ga * eye_a, grad)
+        assert out.dtype == dtype and out.shape == grad.shape
+        assert rel_err(out, expected) < SOLVE_TOL[dtype]
+        assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("grad_dtype", MAT_DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_precondition_eigen(device, grad_dtype, dtype):
+    gs, as_ = random_layers(dtype, device)
+    grads = [torch.randn(out, inp, device=device).to(grad_dtype) for out, inp in LAYERS]
+    damping = [10 ** -(1 + i % 3) for i in range(len(LAYERS))]
+    values, vectors, status = ops.eigen_decompose(gs + as_)
+    assert (status == Status.OK).all()
+    n = len(gs)
+    args = (vectors[:n], values[:n], grads, vectors[n:], values[n:], damping)
+    outs = ops.precondition_eigen(*args)
+    refs = reference.precondition_eigen(*args)
+    for g, a, grad, gamma, out, ref in zip(gs, as_, grads, damping, outs, refs):
+        assert out.dtype == grad_dtype and out.shape == grad.shape
+        assert rel_err(out, dense_kron_solve(g, a, grad, gamma)) < max(SOLVE_TOL[dtype], TOL[grad_dtype])
+        assert rel_err(out, ref) < tol(dtype, grad_dtype)
+
+
+def test_precondition_eigen_clamped_psd(device):
+    """A rank-deficient G (fewer samples than its size): damping keeps the solve well posed."""
+    x = torch.randn(3, 8, dtype=torch.float64, device=device)
+    g = (x.T @ x).contiguous()
+    a = random_spd(5, torch.float64, device)
+    grad = torch.randn(8, 5, dtype=torch.float64, device=device)
+    (lg, la), (qg, qa), status = ops.eigen_decompose([g, a])
+    assert (status == Status.OK).all() and (lg >= 0).all()
+    (out,) = ops.precondition_eigen([qg], [lg], [grad], [qa], [la], 0.5)
+    assert rel_err(out, dense_kron_solve(g, a, grad, 0.5)) < SOLVE_TOL[torch.float64]
+
+
+# ---- opcheck -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mat_dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_kron_matmul(device, mat_dtype):
+    shapes = [(3, 5, 4, 2), (1, 3, 3, 6)]
+    lefts = [torch.randn(m, p, device=device) for m, p, _, _ in shapes]
+    mats = [torch.randn(p, q, device=device).to(mat_dtype) for _, p, q, _ in shapes]
+    rights = [torch.randn(n, q, device=device) for _, _, q, n in shapes]
+    torch.library.opcheck(torch.ops.kfac_ext.kron_matmul, (lefts, mats, rights))
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_precondition_eigen(device, grad_dtype):
+    torch.library.opcheck(torch.ops.kfac_ext.precondition_eigen, eigen_args(device, grad_dtype))
+
+
+# ---- bad inputs: each names the op and the argument -------------------------------------------
+
+
+def kron_args(device):
+    return dict(
+        lefts=[torch.randn(2, 3, device=device), torch.randn(4, 3, device=device)],
+        mats=[torch.randn(3, 5, device=device), torch.randn(3, 4, device=device)],
+        rights=[torch.randn(6, 5, device=device), torch.randn(2, 4, device=device)],
+    )
+
+
+def eigen_args(device, grad_dtype=torch.float32):
+    """Valid precondition_eigen arguments for two layers: grads [3, 4] and [2, 5]."""
+    shapes = [(3, 4), (2, 5)]
+    return (
+        [random_orthogonal(out, torch.float32, device) for out, _ in shapes],
+        [torch.rand(out, device=device) for out, _ in shapes],
+        [torch.randn(out, inp, device=device).to(grad_dtype) for out, inp in shapes],
+        [random_orthogonal(inp, torch.float32, device) for _, inp in shapes],
+        [torch.rand(inp, device=device) for _, inp in shapes],
+        [0.1, 0.2],
+    )
+
+
+EIGEN_FIELDS = ["g_eigenvectors", "g_eigenvalues", "grads", "a_eigenvectors", "a_eigenvalues", "damping"]
+
+
+def eigen_kwargs(device):
+    return dict(zip(EIGEN_FIELDS, eigen_args(device)))
+
+
+BAD_KRON = {
+    "1-D left": ("lefts", 1, lambda t: t[0], r"kron_matmul: lefts\[1\] must be 2-D"),
+    "3-D mat": ("mats", 0, lambda t: t[None], r"kron_matmul: mats\[0\] must be 2-D"),
+    "left/mat mismatch": ("lefts", 1, lambda t: torch.randn(4, 2, device=t.device),
+                          r"kron_matmul: layer 1: lefts.size\(1\) is 2 but must be 3"),
+    "right/mat mismatch": ("rights", 0, lambda t: torch.randn(6, 4, device=t.device),
+                           r"kron_matmul: layer 0: rights.size\(1\) is 4 but must be 5"),
+    "mats too short": ("mats", None, lambda ts: ts[:1], r"kron_matmul: mats has 1 entries but lefts has 2"),
+    "rights too long": ("rights", None, lambda ts: ts + ts[:1], r"kron_matmul: rights has 3 entries but lefts has 2"),
+    "int mat": ("mats", 1, lambda t: t.to(torch.int32), r"kron_matmul: mats\[1\] must be float32, float64, bfloat16 or float16, got Int"),
+    "bf16 left": ("lefts", 1, lambda t: t.to(torch.bfloat16), r"kron_matmul: lefts\[1\] must be float32 or float64, got BFloat16"),
+    "int left": ("lefts", 0, lambda t: t.to(torch.int64), r"kron_matmul: lefts\[0\] must be float32 or float64, got Long"),
+    "right dtype": ("rights", 1, lambda t: t.double(), r"kron_matmul: rights\[1\] has dtype Double but lefts\[0\] has Float"),
+    "mixed mat dtypes": ("mats", 1, lambda t: t.half(), r"kron_matmul: mats\[1\] has dtype Half but mats\[0\] has Float"),
+    "transposed mat": ("mats", 1, lambda t: torch.randn(4, 3, device=t.device).T, r"kron_matmul: mats\[1\] must be contiguous"),
+    "transposed right": ("rights", 0, lambda t: torch.randn(5, 6, device=t.device).T, r"kron_matmul: rights\[0\] must be contiguous"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_KRON.values(), ids=BAD_KRON.keys())
+def test_kron_matmul_bad_input(device, case):
+    field, index, make, match = case
+    with pytest.raises(RuntimeError, match=match):
+        ops.kron_matmul(**replace(kron_args(device), field, index, make))
+
+
+BAD_EIGEN = {
+    "g eigenvalues too short": ("g_eigenvalues", 1, lambda t: t[:1], RuntimeError,
+                                r"precondition_eigen: layer 1: g_eigenvalues.size\(0\) is 1 but must be 2"),
+    "a eigenvalues too long": ("a_eigenvalues", 0, lambda t: torch.rand(5, device=t.device), RuntimeError,
+                               r"precondition_eigen: layer 0: a_eigenvalues.size\(0\) is 5 but must be 4"),
+    "a eigenvectors wrong size": ("a_eigenvectors", 1, lambda t: random_orthogonal(4, torch.float32, t.device), RuntimeError,
+                                  r"precondition_eigen: layer 1: a_eigenvectors.size\(0\) is 4 but must be 5"),
+    "non-square eigenvectors": ("g_eigenvectors", 1, lambda t: t[:1].contiguous(), RuntimeError,
+                                r"precondition_eigen: g_eigenvectors\[1\] must be square"),
+    "2-D eigenvalues": ("a_eigenvalues", 1, lambda t: t[None], RuntimeError,
+                        r"precondition_eigen: a_eigenvalues\[1\] must be 1-D"),
+    "1-D grad": ("grads", 0, lambda t: t[0], RuntimeError, r"precondition_eigen: grads\[0\] must be 2-D"),
+    "list lengths": ("a_eigenvalues", None, lambda ts: ts[:1], RuntimeError,
+                     r"precondition_eigen: a_eigenvalues has 1 entries but grads has 2"),
+    "damping too long": ("damping", None, lambda d: d + [0.1], ValueError, r"damping has 3 entries but there are 2 layers"),
+    "negative damping": ("damping", 1, lambda _: -1.0, RuntimeError,
+                         r"precondition_eigen: damping\[1\] must be finite and >= 0, got -1"),
+    "nan damping": ("damping", 0, lambda _: math.nan, RuntimeError,
+                    r"precondition_eigen: damping\[0\] must be finite and >= 0, got nan"),
+    "int grad": ("grads", 1, lambda t: t.to(torch.int32), RuntimeError,
+                 r"precondition_eigen: grads\[1\] must be float32, float64, bfloat16 or float16, got Int"),
+    "bf16 eigenvectors": ("a_eigenvectors", 1, lambda t: t.to(torch.bfloat16), RuntimeError,
+                          r"precondition_eigen: a_eigenvectors\[1\] must be float32 or float64, got BFloat16"),
+    "eigenvalue dtype": ("g_eigenvalues", 1, lambda t: t.double(), RuntimeError,
+                         r"precondition_eigen: g_eigenvalues\[1\] has dtype Double but g_eigenvectors\[0\] has Float"),
+    "transposed eigenvectors": ("g_eigenvectors", 1, lambda t: t.T, RuntimeError,
+                                r"precondition_eigen: g_eigenvectors\[1\] must be contiguous"),
+    "transposed grad": ("grads", 0, lambda t: torch.randn(4, 3, device=t.device).T, RuntimeError,
+                        r"precondition_eigen: grads\[0\] must be contiguous"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_EIGEN.values(), ids=BAD_EIGEN.keys())
+def test_precondition_eigen_bad_input(device, case):
+    field, index, make, error, match = case
+    with pytest.raises(error, match=match):
+        ops.precondition_eigen(**replace(eigen_kwargs(device), field, index, make))
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: ops.kron_matmul([], [], []), r"kron_matmul: lefts must hold at least one tensor"),
+        (lambda: ops.precondition_eigen([], [], [], [], [], 0.1),
+         r"precondition_eigen: grads must hold at least one tensor"),
+    ],
+    ids=["kron_matmul", "precondition_eigen"],
+)
+def test_empty_lists(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("field", ["mats", "rights"])
+def test_kron_matmul_mixed_devices(field):
+    args = replace(kron_args("cpu"), field, 1, lambda t: t.cuda())
+    with pytest.raises(RuntimeError, match=rf"kron_matmul: {field}\[1\] is on cuda"):
+        ops.kron_matmul(**args)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("field", ["grads", "a_eigenvectors", "a_eigenvalues"])
+def test_precondition_eigen_mixed_devices(field):
+    args = replace(eigen_kwargs("cpu"), field, 1, lambda t: t.cuda())
+    with pytest.raises(RuntimeError, match=rf"precondition_eigen: {field}\[1\] is on cuda"):
+        ops.precondition_eigen(**args)
