@@ -1,6 +1,7 @@
 # One-command set-up on a fresh machine: a venv, torch (pinned), the build tools, the extension.
+#   make demo    the main job: K-FAC vs SGD vs Adam on the digits data (table + plot)
 #   make test    build + the test suite (CPU; CUDA tests too when a GPU is present)
-#   make bench   quick op microbenchmarks (native vs pure-PyTorch reference)
+#   make bench   quick benchmarks: ops and whole step, native vs pure-PyTorch reference
 # KFAC_EXT_WITH_CUDA=AUTO|ON|OFF picks the CUDA kernels (AUTO: iff torch is a CUDA build and
 # nvcc is found; CI uses ON so every .cu file is compiled).
 PYTHON ?= python3
@@ -9,7 +10,7 @@ KFAC_EXT_WITH_CUDA ?= AUTO
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: all build test bench clean
+.PHONY: all build test bench demo clean
 
 all: test
 
@@ -27,6 +28,10 @@ test: build
 
 bench: build
 	$(PY) bench/bench_ops.py --quick
+	$(PY) bench/bench_step.py --quick
+
+demo: build
+	$(PY) bench/demo.py
 
 clean:
 	rm -rf build $(VENV)
