@@ -83,7 +83,7 @@ class KFAC(torch.optim.SGD):
         before = [p.detach().clone() for p in self._params()] if adapt else None
         super().step()
         if adapt:
-            self._adapt_damping(float(loss), before, closure)
+            self._adapt_damping(float(loss.detach()), before, closure)
         return loss
 
     def _params(self):
@@ -96,7 +96,7 @@ class KFAC(torch.optim.SGD):
             was_training = precond.model.training
             precond.model.eval()  # no capture, no factor statistics from this evaluation
             try:
-                loss_after = float(closure())
+                loss_after = float(closure().detach())
             finally:
                 precond.model.train(was_training)
         deltas = [p.detach() - b for p, b in zip(self._params(), before)]

@@ -164,6 +164,7 @@ class KFACPreconditioner:
         self._pending_a: dict[str, list[Tensor]] = {}
         self._pending_g: dict[str, list[tuple[Tensor, float]]] = {}
         self._forwards = 0  # captured forwards (micro-batches) of the pending step
+        self._nonfinite_capture = False  # a captured output was not finite: skip this update
         self._g_weight: float | None = None  # set while a capturing backward runs
         # Layer hooks first: when the model is itself a layer, its tensor hook must exist before
         # the model hook runs the sampled backward (hooks run in registration order).
@@ -216,15 +217,20 @@ class KFACPreconditioner:
     def _model_hook(self, module, inputs, output):
         if not self._capturing():
             return
+        self._forwards += 1
+        if self.fisher_type == "empirical":
+            self._batch_size = _leading_dim(output)  # N of the loss's mean
+            return
         if not isinstance(output, Tensor):
             raise TypeError(
-                f"KFACPreconditioner: the model returned {type(output).__name__}; the Fisher "
-                "estimators need the loss input as one tensor (wrap the model, or use "
-                "fisher_type='empirical')"
+                f"KFACPreconditioner: the model returned {type(output).__name__}; fisher_type="
+                f"{self.fisher_type!r} samples targets from the output and needs the loss input as "
+                "one tensor (wrap the model, or use fisher_type='empirical')"
             )
-        self._batch_size = output.shape[0]
-        self._forwards += 1
-        if self.fisher_type == "empirical" or not output.requires_grad:
+        if not output.requires_grad:
+            return
+        if not bool(torch.isfinite(output).all()):
+            self._nonfinite_capture = True  # no targets can be drawn: the factor update is skipped
             return
         w = 1.0 / output.shape[0] if self.reduction == "mean" else 1.0
         if self.fisher_type == "mc":
@@ -277,6 +283,8 @@ class KFACPreconditioner:
         for layer in self.layers:
             g = layer.grad_matrix()
             if g is None:
+                if self._pending_a and layer.name not in self._pending_a:
+                    raise self._unused_layer_error(layer)
                 raise RuntimeError(
                     f"KFACPreconditioner.step(): layer {layer.name!r} has no gradient; call "
                     "loss.backward() before step()"
@@ -284,13 +292,20 @@ class KFACPreconditioner:
             grads.append(g)
         return grads
 
+    @staticmethod
+    def _unused_layer_error(layer: KFACLayer) -> RuntimeError:
+        return RuntimeError(
+            f"KFACPreconditioner: layer {layer.name!r} did not run in this step's forward "
+            "(its hooks never fired); pass it in skip_layers if it is unused"
+        )
+
     def _update_factors(self) -> None:
+        if self._nonfinite_capture:
+            self.stats["skipped_factor_updates"] += 1
+            return
         for layer in self.layers:
             if layer.name not in self._pending_a:
-                raise RuntimeError(
-                    f"KFACPreconditioner: layer {layer.name!r} did not run in this step's forward "
-                    "(its hooks never fired); pass it in skip_layers if it is unused"
-                )
+                raise self._unused_layer_error(layer)
             if layer.name not in self._pending_g:
                 raise RuntimeError(
                     f"KFACPreconditioner: no output gradient reached layer {layer.name!r} in this "
@@ -457,7 +472,8 @@ class KFACPreconditioner:
         self.stats = dict(state["stats"])
         self._a = {name: a.clone() for name, (a, _) in state["factors"].items()}
         self._g = {name: g.clone() for name, (_, g) in state["factors"].items()}
-        self._inv = {name: tuple(t.clone() for t in v) for name, v in state["inverses"].items()}
+        self._inv = {name: tuple(tuple(t.clone() for t in side) for side in sides)
+                     for name, sides in state["inverses"].items()}
         self.generator.set_state(state["generator"])
         if state.get("damping") is not None and not callable(self.damping):
             self.damping = state["damping"]
@@ -473,11 +489,25 @@ class KFACPreconditioner:
 
     def _clear_pending(self) -> None:
         self._pending_a, self._pending_g, self._forwards = {}, {}, 0
+        self._nonfinite_capture = False
 
 
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _leading_dim(output) -> int:
+    """N: the leading dimension of the (first) tensor the model returned."""
+    if isinstance(output, Tensor):
+        return output.shape[0]
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else ()
+    for value in values:
+        try:
+            return _leading_dim(value)
+        except TypeError:
+            continue
+    raise TypeError(f"KFACPreconditioner: the model returned {type(output).__name__} with no tensor in it")
 
 
 def _cat(chunks: list[Tensor]) -> Tensor:

@@ -1,0 +1,502 @@
+"""Fault injection for KFACPreconditioner / KFAC: non-finite activations and gradients, factors
+that cannot be inverted, models that change or misbehave, misuse that must raise a clear error,
+GradScaler and bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rel_err
+from torch import nn
+
+from kfac_ext import KFAC, KFACPreconditioner
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+
+
+def batch(n: int = 16):
+    return torch.randn(n, 6), torch.randint(0, 4, (n,))
+
+
+def train_step(model, opt, x, y) -> torch.Tensor:
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def snapshot(precond: KFACPreconditioner):
+    """Deep copies of the factors and inverses."""
+    factors = {k: (a.clone(), g.clone()) for k, (a, g) in precond.factors().items()}
+    inverses = {k: tuple(tuple(t.clone() for t in side) for side in v) for k, v in precond._inv.items()}
+    return factors, inverses
+
+
+def assert_same(left, right) -> None:
+    """``torch.equal`` on nested dicts / tuples of tensors."""
+    if isinstance(left, torch.Tensor):
+        assert torch.equal(left, right)
+    elif isinstance(left, dict):
+        assert left.keys() == right.keys()
+        for k in left:
+            assert_same(left[k], right[k])
+    else:
+        assert len(left) == len(right)
+        for a, b in zip(left, right):
+            assert_same(a, b)
+
+
+def kfac_messages(record) -> list[str]:
+    return [str(w.message) for w in record if "KFACPreconditioner" in str(w.message)]
+
+
+# ---- non-finite activations ----------------------------------------------------------------
+
+
+class InjectInf:
+    """A forward pre-hook that puts +inf into one input element of a layer, once."""
+
+    def __init__(self):
+        self.armed = False
+
+    def __call__(self, module, inputs):
+        if self.armed:
+            self.armed = False
+            x = inputs[0].clone()
+            x[0, 0] = float("inf")
+            return (x,)
+        return None
+
+
+@pytest.mark.parametrize("fisher_type", ["mc", "type-2", "empirical"])
+@pytest.mark.parametrize("fault", ["nan-input", "inf-hook"])
+def test_nonfinite_activations_skip_the_factor_update(fisher_type, fault):
+    """A step whose activations hold NaN/inf: the factor update is skipped, factors and inverses
+    are kept, the (non-finite) step changes no parameter, and training goes on afterwards."""
+    model = mlp()
+    hook = InjectInf()
+    model[2].register_forward_pre_hook(hook)
+    opt = KFAC(model, lr=0.1, momentum=0.9, loss="cross_entropy", fisher_type=fisher_type, inv_update_steps=1)
+    precond = opt.preconditioner
+    train_step(model, opt, *batch())
+    factors, inverses = snapshot(precond)
+    params = [p.detach().clone() for p in model.parameters()]
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+
+    x, y = batch()
+    if fault == "nan-input":
+        x[3, 2] = float("nan")
+    else:
+        hook.armed = True
+    train_step(model, opt, x, y)
+
+    assert precond.stats["skipped_factor_updates"] == 1
+    assert precond.stats["factor_updates"] == 1
+    assert precond.stats["nonfinite_grad_steps"] == 1
+    assert_same(snapshot(precond), (factors, inverses))
+    for p0, p in zip(params, model.parameters()):
+        assert torch.equal(p, p0)
+    for m0, p in zip(momentum, model.parameters()):
+        assert torch.equal(opt.state[p]["momentum_buffer"], m0)
+
+    for _ in range(2):
+        train_step(model, opt, *batch())
+    assert precond.stats["factor_updates"] == 3
+    assert precond.stats["skipped_factor_updates"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not any(torch.equal(p, p0) for p0, p in zip(params, model.parameters()))
+
+
+def test_nonfinite_first_step_leaves_no_factors():
+    """The very first step is non-finite: no factors are created (not even zeros), the gradients
+    are zeroed, and the next step initialises the factors."""
+    model = mlp()
+    precond = KFACPreconditioner(model, loss="cross_entropy", fisher_type="type-2")
+    x, y = batch()
+    x[0, 0] = float("nan")
+    F.cross_entropy(model(x), y).backward()
+    assert precond.step() is False
+    assert precond.factors() == {}
+    assert precond.stats["skipped_factor_updates"] == 1
+    for p in model.parameters():
+        assert torch.equal(p.grad, torch.zeros_like(p))
+    model.zero_grad()
+    F.cross_entropy(model(batch()[0]), y).backward()
+    assert precond.step() is True
+    assert set(precond.factors()) == {"0", "2"}
+    assert all(torch.isfinite(t).all() for a_g in precond.factors().values() for t in a_g)
+
+
+# ---- non-finite gradients ------------------------------------------------------------------
+
+
+def test_nonfinite_gradient_preconditioner_zeroes_registered_grads():
+    """Activations are finite (the factors update), one gradient is NaN after backward: step()
+    returns False, every registered layer's gradient is zero, the step is counted."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 4))
+    precond = KFACPreconditioner(model, loss="cross_entropy")
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()
+    model[3].bias.grad[1] = float("nan")
+    bn_grads = [p.grad.clone() for p in model[1].parameters()]
+    assert precond.step() is False
+    assert precond.stats["nonfinite_grad_steps"] == 1
+    assert precond.stats["factor_updates"] == 1
+    for layer in (model[0], model[3]):
+        for p in layer.parameters():
+            assert torch.equal(p.grad, torch.zeros_like(p))
+    for p, g in zip(model[1].parameters(), bn_grads):  # not K-FAC's to touch
+        assert torch.equal(p.grad, g)
+
+
+@pytest.mark.parametrize("where", ["registered", "unregistered"])
+def test_nonfinite_gradient_kfac_changes_no_parameter(where):
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 4))
+    opt = KFAC(model, lr=0.1, momentum=0.9, loss="cross_entropy")
+    train_step(model, opt, *batch())
+    params = [p.detach().clone() for p in model.parameters()]
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    opt.zero_grad()
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()
+    grad = model[0].weight.grad if where == "registered" else model[1].weight.grad
+    grad.mul_(float("nan"))
+    opt.step()
+    assert opt.preconditioner.stats["nonfinite_grad_steps"] == 1
+    for p0, m0, p in zip(params, momentum, model.parameters()):
+        assert torch.equal(p, p0)
+        assert torch.equal(opt.state[p]["momentum_buffer"], m0)
+    train_step(model, opt, *batch())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---- failed inversions ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "inversion,bad",
+    [
+        ("cholesky", lambda n: -100.0 * torch.eye(n)),  # negative definite: Cholesky fails in fp64 too
+        ("eigen", lambda n: torch.full((n, n), float("nan"))),  # eigh never fails on finite input
+        ("cholesky", lambda n: torch.full((n, n), float("nan"))),
+    ],
+    ids=["cholesky-negative-definite", "eigen-nan", "cholesky-nan"],
+)
+def test_failed_inversion_keeps_previous_inverse_and_warns_once(inversion, bad):
+    model = mlp()
+    # Factors only at step 0, inverses every step, so that the injected factor stays as it is.
+    opt = KFAC(model, lr=0.1, loss="cross_entropy", inversion=inversion, damping=1e-8,
+               factor_update_steps=100, inv_update_steps=1)
+    precond = opt.preconditioner
+    train_step(model, opt, *batch())
+    assert precond.stats["failed_inversions"] == 0
+    _, inverses = snapshot(precond)
+    a_dim = precond.factors()["2"][0].shape[0]
+    precond._a["2"] = bad(a_dim)
+
+    with pytest.warns(RuntimeWarning, match=r"factor A of layer '2'") as record:
+        train_step(model, opt, *batch())
+    assert len(kfac_messages(record)) == 1
+    assert precond.stats["failed_inversions"] == 1
+    assert precond.stats["inverse_updates"] == 2
+    assert_same(precond._inv["2"][0], inverses["2"][0])  # the previous A-side inverse
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        train_step(model, opt, *batch())
+    assert kfac_messages(record) == []  # warned once per factor
+    assert precond.stats["failed_inversions"] == 2
+    assert_same(precond._inv["2"][0], inverses["2"][0])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_failed_first_inversion_falls_back_to_identity():
+    """The first inversion of a factor fails (injected right after the first factor update):
+    that side becomes the identity, so the update is ``(G + √γ I)⁻¹ ∇W̄`` for that layer."""
+    model = mlp()
+    precond = KFACPreconditioner(model, loss="cross_entropy", inversion="cholesky", damping=1e-8)
+    update_factors = precond._update_factors
+
+    def corrupt():
+        update_factors()
+        precond._a["0"] = -100.0 * torch.eye(7)
+
+    precond._update_factors = corrupt
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.warns(RuntimeWarning, match=r"factor A of layer '0'.*identity"):
+        assert precond.step() is True
+    assert precond.stats["failed_inversions"] == 1
+    assert torch.equal(precond._inv["0"][0][0], torch.eye(7))
+    raw = precond.last_raw_gradients[0].double()
+    g = precond.factors()["0"][1].double() + 1e-4 * torch.eye(8, dtype=torch.float64)
+    expected = torch.linalg.solve(g, raw)
+    assert rel_err(precond.layers[0].grad_matrix(), expected) < 1e-4
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ---- model changes and misuse --------------------------------------------------------------
+
+
+class Net(nn.Module):
+    def __init__(self, unused: bool = False, output: str = "tensor"):
+        super().__init__()
+        self.body = mlp()
+        if unused:
+            self.unused = nn.Linear(3, 3)
+        self.output = output
+
+    def forward(self, x):
+        out = self.body(x)
+        if hasattr(self, "extra"):
+            out = self.extra(out)
+        if self.output == "tuple":
+            return out, x.mean()
+        return out
+
+
+def test_layer_added_after_construction_raises():
+    model = Net()
+    precond = KFACPreconditioner(model, loss="cross_entropy")
+    model.add_module("extra", nn.Linear(4, 4))
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="'extra'.*added"):
+        precond.step()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(fisher_type="mc", loss=None), "fisher_type='mc'"),
+        (dict(fisher_type="type-2", loss=None), "fisher_type='type-2'"),
+        (dict(loss=nn.CrossEntropyLoss(label_smoothing=0.1)), "label_smoothing"),
+        (dict(loss=nn.CrossEntropyLoss(weight=torch.ones(4))), "weight"),
+        (dict(loss=nn.CrossEntropyLoss(reduction="none")), "reduction"),
+        (dict(loss=nn.L1Loss()), "L1Loss"),
+        (dict(loss="hinge"), "hinge"),
+        (dict(loss="cross_entropy", damping_mode="eigen", inversion="cholesky"), "inversion='eigen'"),
+        (dict(loss="cross_entropy", fisher_type="exact"), "fisher_type"),
+        (dict(loss="cross_entropy", factor_dtype=torch.bfloat16), "factor_dtype"),
+        (dict(loss="cross_entropy", kl_clip=1e-3), "kl_clip needs lr"),
+        (dict(loss="cross_entropy", grad_accumulation_steps=0), "grad_accumulation_steps"),
+    ],
+    ids=["mc-no-loss", "type2-no-loss", "label-smoothing", "class-weights", "reduction-none",
+         "l1", "unknown-name", "eigen-damping-cholesky", "unknown-fisher", "bf16-factors",
+         "kl-clip-no-lr", "zero-accumulation"],
+)
+def test_invalid_configuration_raises_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        KFACPreconditioner(mlp(), **kwargs)
+
+
+def test_empirical_fisher_needs_no_loss():
+    model = mlp()
+    precond = KFACPreconditioner(model, fisher_type="empirical")
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()
+    assert precond.step() is True
+    assert set(precond.factors()) == {"0", "2"}
+
+
+def test_kfac_forwards_configuration_errors():
+    with pytest.raises(ValueError, match="label_smoothing"):
+        KFAC(mlp(), loss=nn.CrossEntropyLoss(label_smoothing=0.1))
+
+
+@pytest.mark.parametrize("fisher_type", ["mc", "empirical"])
+def test_step_before_backward_raises(fisher_type):
+    model = mlp()
+    precond = KFACPreconditioner(model, loss="cross_entropy", fisher_type=fisher_type)
+    x, y = batch()
+    model(x)  # forward only
+    with pytest.raises(RuntimeError, match="backward"):
+        precond.step()
+
+
+def test_step_after_zero_grad_without_backward_raises():
+    """Gradients left as zeros (``set_to_none=False``) but no backward this step: the empirical
+    estimator has no output gradients and says so."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    precond = KFACPreconditioner(model, loss="cross_entropy", fisher_type="empirical")
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()
+    precond.step()
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    model(x)
+    with pytest.raises(RuntimeError, match="backward"):
+        precond.step()
+
+
+def test_kfac_step_before_backward_raises():
+    model = mlp()
+    opt = KFAC(model, lr=0.1, loss="cross_entropy")
+    model(batch()[0])
+    with pytest.raises(RuntimeError, match="backward"):
+        opt.step()
+
+
+def test_unused_layer_raises_naming_it():
+    model = Net(unused=True)
+    precond = KFACPreconditioner(model, loss="cross_entropy")
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="'unused'"):
+        precond.step()
+
+
+def test_unused_layer_error_points_to_skip_layers():
+    """The user did call backward: the message must say the layer never ran and how to fix it
+    (skip_layers), not ask for a backward."""
+    model = Net(unused=True)
+    precond = KFACPreconditioner(model, loss="cross_entropy")
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="'unused'") as info:
+        precond.step()
+    assert "skip_layers" in str(info.value), str(info.value)
+
+
+def test_unused_layer_in_skip_layers_works():
+    model = Net(unused=True)
+    opt = KFAC(model, lr=0.1, loss="cross_entropy", skip_layers=("unused",))
+    assert ("unused", "skipped by skip_layers") in opt.preconditioner.unregistered
+    unused = model.unused.weight.detach().clone()
+    losses = [train_step(model, opt, *batch()).item() for _ in range(3)]
+    assert opt.preconditioner.stats["factor_updates"] == 3
+    assert set(opt.preconditioner.factors()) == {"body.0", "body.2"}
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert torch.equal(model.unused.weight, unused)
+
+
+def test_tuple_output_with_mc_raises_type_error():
+    model = Net(output="tuple")
+    KFACPreconditioner(model, loss="cross_entropy", fisher_type="mc")
+    with pytest.raises(TypeError, match="returned tuple.*one tensor"):
+        model(batch()[0])
+
+
+def test_tuple_output_with_empirical_fisher_works():
+    """The docstring (and the mc TypeError's advice) say only "mc"/"type-2" need a tensor output:
+    with the empirical Fisher a model returning ``(logits, aux)`` trains."""
+    model = Net(output="tuple")
+    precond = KFACPreconditioner(model, fisher_type="empirical")
+    x, y = batch()
+    logits, _ = model(x)
+    F.cross_entropy(logits, y).backward()
+    assert precond.step() is True
+    assert set(precond.factors()) == {"body.0", "body.2"}
+
+
+def test_load_state_dict_from_another_model_raises():
+    source = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4), nn.Linear(4, 4))
+    precond = KFACPreconditioner(source, loss="cross_entropy")
+    x, y = batch()
+    F.cross_entropy(source(x), y).backward()
+    precond.step()
+    target = KFACPreconditioner(mlp(), loss="cross_entropy")
+    with pytest.raises(ValueError, match="'3'"):
+        target.load_state_dict(precond.state_dict())
+
+
+# ---- mixed precision -----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"), reason="torch.amp.GradScaler needs torch >= 2.3")
+def test_grad_scaler_empirical_factors_are_unscaled():
+    """Empirical Fisher with a GradScaler (scale 2¹⁰) given to the preconditioner: factors and
+    the parameters after ``scaler.step(KFAC)`` match the unscaled run."""
+    init = mlp()
+    data = [batch() for _ in range(3)]
+    runs = {}
+    for scaled in (False, True):
+        model = copy.deepcopy(init)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaled else None
+        opt = KFAC(model, lr=0.1, momentum=0.9, fisher_type="empirical", loss="cross_entropy",
+                   grad_scaler=scaler, inv_update_steps=1)
+        for x, y in data:
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            if scaled:
+                scaler.scale(loss).backward()
+                scaler.step(opt)  # unscales .grad, then KFAC.step
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+        runs[scaled] = (model, opt.preconditioner)
+    (plain, pp), (scaled_model, ps) = runs[False], runs[True]
+    assert ps.stats["factor_updates"] == 3
+    for name, (a, g) in pp.factors().items():
+        sa, sg = ps.factors()[name]
+        assert rel_err(sa, a) < 1e-6, name
+        assert rel_err(sg, g) < 1e-5, name
+    for p, q in zip(plain.parameters(), scaled_model.parameters()):
+        assert rel_err(q, p) < 1e-5
+
+
+@pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"), reason="torch.amp.GradScaler needs torch >= 2.3")
+def test_grad_scaler_not_passed_scales_empirical_g():
+    """The control for the test above: a scaled backward the preconditioner does not know about
+    gives G = scale² x the unscaled G (A is unaffected) -- hence the ``grad_scaler`` argument."""
+    init = mlp()
+    x, y = batch()
+    factors = {}
+    for scale in (1.0, 2.0**10):
+        model = copy.deepcopy(init)
+        precond = KFACPreconditioner(model, fisher_type="empirical")
+        (F.cross_entropy(model(x), y) * scale).backward()
+        precond.step()
+        factors[scale] = precond.factors()
+    for name, (a, g) in factors[1.0].items():
+        sa, sg = factors[2.0**10][name]
+        assert rel_err(sa, a) < 1e-6
+        assert rel_err(sg, 2.0**20 * g) < 1e-5
+
+
+def test_bf16_autocast_keeps_float32_factors():
+    """Under CPU bf16 autocast the layers see bf16 activations / output gradients: factors stay
+    float32, finite, close to the float32 run (bf16 rounding), and training steps work."""
+    init = mlp()
+    x, y = batch(64)
+    factors = {}
+    for autocast in (False, True):
+        model = copy.deepcopy(init)
+        precond = KFACPreconditioner(model, loss="cross_entropy", fisher_type="type-2")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+        if autocast:
+            assert out.dtype == torch.bfloat16
+        loss.backward()
+        assert precond.step() is True
+        factors[autocast] = precond.factors()
+    for name, (a, g) in factors[True].items():
+        assert a.dtype == g.dtype == torch.float32
+        assert torch.isfinite(a).all() and torch.isfinite(g).all()
+        a32, g32 = factors[False][name]
+        assert rel_err(a, a32) < 3e-2 and rel_err(g, g32) < 5e-2, name
+
+    model = copy.deepcopy(init)
+    opt = KFAC(model, lr=0.1, loss="cross_entropy", inv_update_steps=2)
+    losses = []
+    for _ in range(10):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    assert opt.preconditioner.stats["nonfinite_grad_steps"] == 0
+    assert losses[-1] < losses[0]
