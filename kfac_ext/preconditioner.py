@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from . import ops as native_ops
 from . import reference as reference_ops
 from .capture import KFACLayer, find_layers
@@ -81,7 +82,14 @@ class KFACPreconditioner:
             factors are unscaled.
         skip_layers: module names or types to leave to the base optimizer.
         backend: ``"native"`` (the C++/CUDA ops) or ``"reference"`` (pure PyTorch); same updates.
-        seed: seeds the generator for Monte Carlo targets (saved in ``state_dict``).
+        seed: seeds the generator for Monte Carlo targets (saved in ``state_dict``); rank ``r`` of
+            a process group uses ``seed + r``.
+        grad_worker_fraction: with more than one rank (see :mod:`kfac_ext.distributed`): ``1.0``
+            broadcasts every inverse and every rank preconditions every layer; below 1, each
+            layer's owner preconditions it and broadcasts the result at every step.
+        process_group: the ranks to work with; default: the world when ``torch.distributed`` is
+            initialised. With more than one rank, factors are averaged and inversions spread
+            over the ranks; ``model`` may be wrapped in ``DistributedDataParallel``.
     """
 
     def __init__(
@@ -107,6 +115,8 @@ class KFACPreconditioner:
         skip_layers: tuple[str | type, ...] = (),
         backend: str = "native",
         seed: int = 0,
+        grad_worker_fraction: float = 1.0,
+        process_group: Any = None,
     ):
         _check_choice("fisher_type", fisher_type, FISHER_TYPES)
         _check_choice("inversion", inversion, INVERSIONS)
@@ -131,7 +141,7 @@ class KFACPreconditioner:
         if kl_clip is not None and lr is None:
             raise ValueError("kl_clip needs lr (a number or a callable of the step)")
 
-        self.model = model
+        self.model = model = distributed.unwrap_model(model)  # DDP: hooks and names on the inner module
         self.fisher_type, self.mc_samples = fisher_type, mc_samples
         self.inversion, self.damping_mode = inversion, damping_mode
         self.damping, self.factor_decay = damping, factor_decay
@@ -148,7 +158,10 @@ class KFACPreconditioner:
             raise ValueError("model has no layer K-FAC supports (nn.Linear, nn.Conv2d)")
         self._by_module = {layer.module: layer for layer in self.layers}
         self._registered_names = {layer.name for layer in self.layers}
-        self.generator = torch.Generator(device=self.layers[0].module.weight.device).manual_seed(seed)
+        self._dist = distributed.setup(self, process_group=process_group,
+                                       grad_worker_fraction=grad_worker_fraction, seed=seed)
+        rank = self._dist.rank if self._dist is not None else 0
+        self.generator = torch.Generator(device=self.layers[0].module.weight.device).manual_seed(seed + rank)
 
         self.steps = 0
         self.last_raw_gradients: list[Tensor] = []  # ∇W̄ per layer before the last step() rewrote it
@@ -262,7 +275,8 @@ class KFACPreconditioner:
         if self._is_factor_step():
             self._update_factors()
         self._clear_pending()
-        if self._a and (not self._inv or self.steps % max(1, int(_value(self.inv_update_steps, self.steps))) == 0):
+        # (inverses missing for some layers: a checkpoint saved with grad_worker_fraction < 1)
+        if self._a and (self._inv.keys() != self._a.keys() or self.steps % max(1, int(_value(self.inv_update_steps, self.steps))) == 0):
             self._update_inverses()
         ok = self._precondition(grads)
         self.steps += 1
@@ -301,6 +315,8 @@ class KFACPreconditioner:
 
     def _update_factors(self) -> None:
         if self._nonfinite_capture:
+            if self._dist is not None:  # the other ranks wait for this rank's vote
+                self._dist.all_finite(False)
             self.stats["skipped_factor_updates"] += 1
             return
         for layer in self.layers:
@@ -314,6 +330,8 @@ class KFACPreconditioner:
         xa = [_cat([layer.activations(x) for x in self._pending_a[layer.name]]) for layer in self.layers]
         xg = [_weighted_cat(self._pending_g[layer.name]) for layer in self.layers]
         finite = torch.stack([torch.isfinite(t).all() for t in xa + [g for g, _ in xg]]).all()
+        if self._dist is not None:  # all ranks skip together
+            finite = self._dist.all_finite(finite)
         if not bool(finite):
             self.stats["skipped_factor_updates"] += 1
             return
@@ -329,6 +347,8 @@ class KFACPreconditioner:
         # F_step averages the micro-batches: A through its rows, G through the forward count.
         self._factor_update([self._g[l.name] for l in self.layers], [g for g, _ in xg], rho,
                             [(1 - rho) * w / self._forwards for _, w in xg], False)
+        if self._dist is not None:  # mean over the ranks
+            self._dist.average_factors([self._a[l.name] for l in self.layers] + [self._g[l.name] for l in self.layers])
         self.stats["factor_updates"] += 1
 
     def _factor_update(self, factors, xs, decay, scales, append_ones) -> None:
@@ -364,19 +384,25 @@ class KFACPreconditioner:
         factors += [self._g[l.name].to(self.inv_dtype) for l in self.layers]
         a_damp, g_damp = self._factor_damping()
         n = len(self.layers)
-        if self.inversion == "cholesky":
-            inverses, status = self.ops.damped_inverse(factors, a_damp + g_damp)
-            results = [(inv,) for inv in inverses]
+        if self._dist is not None:  # each factor inverted by its owner; status (and results) shared
+            results, status = self._dist.invert(factors, a_damp + g_damp)
         else:
-            values, vectors, status = self.ops.eigen_decompose(factors)
-            damp = a_damp + g_damp
-            results = [(lam + d, q) for lam, q, d in zip(values, vectors, damp)]
-        status = status.tolist()
+            results, status = self._invert(factors, a_damp + g_damp)
         for i, layer in enumerate(self.layers):
             a_new = self._accept(layer, "A", status[i], results[i], self._inv.get(layer.name, (None, None))[0], layer.a_dim)
             g_new = self._accept(layer, "G", status[n + i], results[n + i], self._inv.get(layer.name, (None, None))[1], layer.g_dim)
             self._inv[layer.name] = (a_new, g_new)
         self.stats["inverse_updates"] += 1
+
+    def _invert(self, factors: list[Tensor], damping: list[float]) -> tuple[list[tuple], list[int]]:
+        """Per factor ``(inverse,)`` (cholesky) or ``(λ + damping, Q)`` (eigen), and its status."""
+        if self.inversion == "cholesky":
+            inverses, status = self.ops.damped_inverse(factors, damping)
+            results = [(inv,) for inv in inverses]
+        else:
+            values, vectors, status = self.ops.eigen_decompose(factors)
+            results = [(lam + d, q) for lam, q, d in zip(values, vectors, damping)]
+        return results, status.tolist()
 
     def _accept(self, layer: KFACLayer, side: str, status: int, result: tuple, previous, dim: int):
         if status == Status.OK_AFTER_FP64_RETRY:
@@ -402,26 +428,34 @@ class KFACPreconditioner:
     # ---- preconditioning -------------------------------------------------------------------
 
     def _precondition(self, grads: list[Tensor]) -> bool:
-        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-        if not finite:
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        if self._dist is not None:  # all ranks skip together
+            finite = self._dist.all_finite(finite)
+        if not bool(finite):
             self.stats["nonfinite_grad_steps"] += 1
             for layer, g in zip(self.layers, grads):
                 layer.set_grad(torch.zeros_like(g))
             return False
         if not self._inv:
             return True  # no factors yet (e.g. the first step's factor update was skipped)
-        a_side = [self._inv[l.name][0] for l in self.layers]
-        g_side = [self._inv[l.name][1] for l in self.layers]
-        if self.inversion == "cholesky":
-            updates = self.ops.precondition_inverse([g[0] for g in g_side], grads, [a[0] for a in a_side])
+        if self._dist is not None and self._dist.shares_gradients:  # owners precondition, then broadcast
+            updates = self._dist.precondition(grads)
         else:
-            gamma = float(_value(self.damping, self.steps)) if self.damping_mode == "eigen" else 0.0
-            updates = self.ops.precondition_eigen([g[1] for g in g_side], [g[0] for g in g_side], grads,
-                                                  [a[1] for a in a_side], [a[0] for a in a_side], gamma)
+            updates = self._apply_inverses(self.layers, grads)
         nu = self._kl_clip_scale(updates, grads)
         for layer, update, grad in zip(self.layers, updates, grads):
             layer.set_grad(update * nu if nu != 1.0 else update)
         return True
+
+    def _apply_inverses(self, layers: list[KFACLayer], grads: list[Tensor]) -> list[Tensor]:
+        """The preconditioned gradient of each of ``layers`` (``grads`` in the same order)."""
+        a_side = [self._inv[l.name][0] for l in layers]
+        g_side = [self._inv[l.name][1] for l in layers]
+        if self.inversion == "cholesky":
+            return self.ops.precondition_inverse([g[0] for g in g_side], grads, [a[0] for a in a_side])
+        gamma = float(_value(self.damping, self.steps)) if self.damping_mode == "eigen" else 0.0
+        return self.ops.precondition_eigen([g[1] for g in g_side], [g[0] for g in g_side], grads,
+                                           [a[1] for a in a_side], [a[0] for a in a_side], gamma)
 
     def _kl_clip_scale(self, updates: list[Tensor], grads: list[Tensor]) -> float:
         kl_clip = _value(self.kl_clip, self.steps)
@@ -454,7 +488,7 @@ class KFACPreconditioner:
     __repr__ = registration_report
 
     def state_dict(self) -> dict[str, Any]:
-        return dict(
+        state = dict(
             steps=self.steps,
             stats=dict(self.stats),
             factors={name: (self._a[name], self._g[name]) for name in self._a},
@@ -463,6 +497,9 @@ class KFACPreconditioner:
             damping=self.damping if not callable(self.damping) else None,
             warned=sorted(self._warned),
         )
+        if self._dist is not None:  # only the inverses held here; whose generator state this is
+            self._dist.adjust_state_dict(state)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         unknown = set(state["factors"]) - self._registered_names
@@ -475,6 +512,8 @@ class KFACPreconditioner:
         self._inv = {name: tuple(tuple(t.clone() for t in side) for side in sides)
                      for name, sides in state["inverses"].items()}
         self.generator.set_state(state["generator"])
+        if self._dist is not None:  # other ranks than the saving one start their own stream
+            self._dist.load_generator(state)
         if state.get("damping") is not None and not callable(self.damping):
             self.damping = state["damping"]
         self._warned = set(state["warned"])

@@ -1,0 +1,419 @@
+"""Distributed K-FAC (kfac_ext.distributed) on CPU with gloo: spawned ranks vs one process.
+
+Every scenario trains the same float64 MLP for a few steps with ``KFAC``. With ``world`` ranks,
+rank ``r`` takes rows ``[r·B/world, (r+1)·B/world)`` of each step's global batch of ``B``; the
+reference is one process (no process group) on the whole batch. The ranks of one world size
+run all their scenarios in a single spawn (start-up dominates the cost), write what they saw
+after every step to files, and the tests compare: factors, preconditioned gradients and
+parameters within 1e-6 relative of the reference, bitwise equal across ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+import random
+import socket
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from kfac_ext import KFAC, KFACPreconditioner, Status
+from kfac_ext import distributed as kd
+
+B = 12  # global batch: divisible by 2 and 3
+TOL = 1e-6
+F64 = torch.float64
+
+
+def mlp() -> nn.Module:
+    """Factor sizes all differ (A: 5, 10, 7; G: 9, 6, 3), so a factor is known by its size."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 9), nn.Tanh(), nn.Linear(9, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def global_batch(step: int):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(B, 4, generator=g, dtype=F64), torch.randint(0, 3, (B,), generator=g)
+
+
+def kfac_args(mode: str, inversion: str, fisher_type: str, **extra) -> dict:
+    return dict(lr=0.1, momentum=0.9, loss="cross_entropy", fisher_type=fisher_type, inversion=inversion,
+                damping=1e-2, inv_update_steps=2, factor_dtype=F64, inv_dtype=F64,
+                grad_worker_fraction=1.0 if mode == "a" else 0.0, **extra)
+
+
+# name -> spec. mode "a": inverses broadcast (grad_worker_fraction=1); "b": owners precondition
+# and broadcast the result (grad_worker_fraction=0). wrap: "ddp" or "manual" (an unwrapped model,
+# gradients all-reduced by hand).
+SCENARIOS = {
+    "a-eigen-type2": dict(kfac=kfac_args("a", "eigen", "type-2", kl_clip=1e-2), wrap="ddp", steps=4),
+    "b-cholesky-empirical": dict(kfac=kfac_args("b", "cholesky", "empirical"), wrap="ddp", steps=4),
+    "a-cholesky-empirical-manual": dict(kfac=kfac_args("a", "cholesky", "empirical"), wrap="manual", steps=4),
+    "b-eigen-type2": dict(kfac=kfac_args("b", "eigen", "type-2", kl_clip=1e-2), wrap="ddp", steps=4),
+    # A NaN in the last rank's input at step 2: NaN gradients everywhere (DDP), every rank skips
+    # both the factor update and the step.
+    "nan-input": dict(kfac=kfac_args("a", "eigen", "type-2"), wrap="ddp", steps=4, nan_input=2),
+    # A non-finite activation captured on the last rank only at step 1 (gradients finite): every
+    # rank skips the factor update, the step goes on.
+    "nan-statistics": dict(kfac=kfac_args("b", "cholesky", "empirical"), wrap="ddp", steps=4, nan_statistics=1),
+    # The inversion of the 9x9 factor (layer 0's G: rank 1 owns it) fails at step 2: every rank
+    # keeps the previous inverse.
+    "fail-a": dict(kfac=kfac_args("a", "eigen", "type-2"), wrap="ddp", steps=4, fail=(2, 9)),
+    "fail-b": dict(kfac=kfac_args("b", "cholesky", "type-2"), wrap="ddp", steps=4, fail=(2, 9)),
+    # Rank 0 saves after 3 steps (step 3 is no inversion step: the saved inverses are used), and,
+    # for mode b, after 4 (step 4 is one: the inverses rank 0 does not hold are recomputed).
+    "ckpt-a": dict(kfac=kfac_args("a", "eigen", "type-2"), wrap="ddp", steps=6, save_after=3),
+    "ckpt-b": dict(kfac=kfac_args("b", "cholesky", "type-2"), wrap="ddp", steps=6, save_after=4),
+    # Monte Carlo targets: every rank samples its own (seed + rank), so no single-process twin.
+    "mc": dict(kfac=kfac_args("b", "eigen", "mc"), wrap="ddp", steps=3, reference=False),
+    # process_group=: only ranks 1 and 2 of 3 train (group ranks 0 and 1; rank 2 owns things).
+    "subgroup": dict(kfac=kfac_args("b", "eigen", "type-2"), wrap="manual", steps=4, group=[1, 2]),
+}
+RUNS = {
+    2: ["a-eigen-type2", "b-cholesky-empirical", "nan-input", "nan-statistics", "fail-a", "fail-b",
+        "ckpt-a", "ckpt-b", "mc"],
+    3: ["a-cholesky-empirical-manual", "b-eigen-type2", "subgroup"],
+}
+
+
+class FailingInversion:
+    """Wraps the ops module: while ``armed``, the inversion of every factor of size ``dim``
+    reports ``FAILED`` with an all-zero result, as the native ops do."""
+
+    def __init__(self, ops, dim: int):
+        self._ops, self.dim, self.armed = ops, dim, False
+
+    def __getattr__(self, name):
+        return getattr(self._ops, name)
+
+    def _fail(self, factors, outputs, status) -> None:
+        for i, f in enumerate(factors):
+            if self.armed and f.shape[0] == self.dim:
+                status[i] = int(Status.FAILED)
+                for out in outputs:
+                    out[i].zero_()
+
+    def eigen_decompose(self, factors):
+        values, vectors, status = self._ops.eigen_decompose(factors)
+        self._fail(factors, (values, vectors), status)
+        return values, vectors, status
+
+    def damped_inverse(self, factors, damping):
+        inverses, status = self._ops.damped_inverse(factors, damping)
+        self._fail(factors, (inverses,), status)
+        return inverses, status
+
+
+def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None = None,
+          resume: str | None = None, group=None) -> list[dict]:
+    """Runs ``spec`` on this rank; returns per step the parameters, the preconditioned gradients,
+    the factors and the stats after the step. ``resume``: load that checkpoint first and run
+    the remaining steps."""
+    model = mlp()
+    net = model
+    if world > 1 and spec["wrap"] == "ddp":
+        net = nn.parallel.DistributedDataParallel(model)
+    opt = KFAC(net, **spec["kfac"], process_group=group)
+    precond = opt.preconditioner
+    first = 0
+    if resume is not None:
+        state = torch.load(resume, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        first = precond.steps
+    failing = None
+    if "fail" in spec:
+        failing = precond.ops = FailingInversion(precond.ops, spec["fail"][1])
+    rows = slice(rank * B // world, (rank + 1) * B // world)
+    records = []
+    with warnings.catch_warnings(record=True) as messages:
+        warnings.simplefilter("always")
+        for step in range(first, spec["steps"]):
+            x, y = global_batch(step)
+            if spec.get("nan_input") == step:
+                x[-1, 0] = float("nan")  # the last row: the last rank's
+            x, y = x[rows], y[rows]
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            if world > 1 and spec["wrap"] == "manual":
+                for p in model.parameters():
+                    dist.all_reduce(p.grad, group=group)
+                    p.grad.div_(world)
+            if spec.get("nan_statistics") == step and rank == world - 1:
+                name = precond.layers[0].name
+                precond._pending_a[name][0] = torch.full_like(precond._pending_a[name][0], float("inf"))
+            if failing is not None:
+                failing.armed = step == spec["fail"][0]
+            opt.step()
+            records.append(dict(
+                params=[p.detach().clone() for p in model.parameters()],
+                grads=[p.grad.clone() for p in model.parameters()],
+                factors={k: (a.clone(), g.clone()) for k, (a, g) in precond.factors().items()},
+                stats=dict(precond.stats),
+            ))
+            if checkpoint is not None and rank == 0 and step + 1 == spec.get("save_after"):
+                torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict()), checkpoint)
+    records[-1]["warnings"] = [str(m.message) for m in messages if "KFACPreconditioner" in str(m.message)]
+    records[-1]["comm_bytes"] = dict(precond._dist.comm_bytes) if precond._dist is not None else {}
+    records[-1]["generator_seed"] = precond.generator.initial_seed()
+    return records
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    if sys.platform == "linux":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # 127.0.0.1 only
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        out = {}
+        for name in RUNS[world]:
+            spec = SCENARIOS[name]
+            ckpt = os.path.join(out_dir, f"{name}.ckpt") if "save_after" in spec else None
+            if "group" in spec:
+                group = dist.new_group(spec["group"])  # every rank takes part in creating it
+                if rank in spec["group"]:
+                    out[name] = train(spec, spec["group"].index(rank), len(spec["group"]), group=group)
+            else:
+                out[name] = train(spec, rank, world, checkpoint=ckpt)
+            dist.barrier()
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world: int, out_dir) -> dict[str, list[list[dict]]]:
+    mp.start_processes(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world, start_method="spawn")
+    per_rank = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return {name: [out[name] for out in per_rank if name in out] for name in RUNS[world]}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """``{world: {scenario: [records of rank 0, rank 1, ...]}}`` and the checkpoint folder."""
+    out = {}
+    dirs = {}
+    for world in RUNS:
+        dirs[world] = tmp_path_factory.mktemp(f"world{world}")
+        out[world] = _spawn(world, dirs[world])
+    return out, dirs
+
+
+@functools.cache
+def reference(name: str) -> list[dict]:
+    torch.manual_seed(0)
+    return train(SCENARIOS[name])
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b).clamp_min(1e-300))
+
+
+def assert_close(got: dict, want: dict, where: str) -> None:
+    for i, (p, q) in enumerate(zip(got["params"], want["params"])):
+        assert rel(p, q) < TOL, f"{where}: parameter {i}"
+    for i, (p, q) in enumerate(zip(got["grads"], want["grads"])):
+        assert rel(p, q) < TOL, f"{where}: preconditioned gradient {i}"
+    assert got["factors"].keys() == want["factors"].keys(), where
+    for k in want["factors"]:
+        for side, p, q in zip("AG", got["factors"][k], want["factors"][k]):
+            assert rel(p, q) < TOL, f"{where}: factor {side} of layer {k}"
+            assert torch.equal(p, p.mT), f"{where}: factor {side} of layer {k} not exactly symmetric"
+    assert got["stats"] == pytest.approx(want["stats"]), where
+
+
+def assert_ranks_identical(per_rank: list[list[dict]], name: str) -> None:
+    for step, records in enumerate(zip(*per_rank)):
+        first = records[0]
+        for r, rec in enumerate(records[1:], 1):
+            for key in ("params", "grads"):
+                for p, q in zip(rec[key], first[key]):
+                    assert torch.equal(p, q), f"{name} step {step}: {key} of rank {r} differ from rank 0"
+            for k in first["factors"]:
+                for p, q in zip(rec["factors"][k], first["factors"][k]):
+                    assert torch.equal(p, q), f"{name} step {step}: factors of {k} on rank {r}"
+            assert rec["stats"] == first["stats"], f"{name} step {step}: stats of rank {r}"
+            assert rec.get("warnings") == first.get("warnings"), f"{name}: warnings of rank {r}"
+
+
+# ---- equivalence with one process --------------------------------------------------------
+
+
+@pytest.mark.parametrize("world,name", [(w, n) for w, names in RUNS.items() for n in names])
+def test_ranks_match_single_process_and_each_other(runs, world, name):
+    per_rank = runs[0][world][name]
+    assert_ranks_identical(per_rank, name)
+    assert len(per_rank) == len(SCENARIOS[name].get("group", range(world)))
+    if not SCENARIOS[name].get("reference", True):
+        assert [records[-1]["generator_seed"] for records in per_rank] == list(range(world))
+        return
+    want = reference(name)
+    for r, records in enumerate(per_rank):
+        assert len(records) == len(want)
+        for step, (got, ref) in enumerate(zip(records, want)):
+            assert_close(got, ref, f"{name}, world {world}, rank {r}, step {step}")
+        for rec in records:
+            assert all(torch.isfinite(p).all() for p in rec["params"])
+        assert records[-1]["warnings"] == want[-1]["warnings"]
+        comm = records[-1]["comm_bytes"]
+        shares_gradients = SCENARIOS[name]["kfac"]["grad_worker_fraction"] < 1
+        assert comm["factors"] > 0 and comm["flags"] > 0
+        assert (comm["gradients"] > 0, comm["inverses"] > 0) == (shares_gradients, not shares_gradients)
+
+
+def test_nonfinite_input_on_one_rank_skips_everywhere(runs):
+    for records in runs[0][2]["nan-input"]:
+        stats = records[-1]["stats"]
+        assert stats["skipped_factor_updates"] == 1 and stats["nonfinite_grad_steps"] == 1
+        for p, q in zip(records[2]["params"], records[1]["params"]):
+            assert torch.equal(p, q)  # the step with NaN gradients changed nothing
+
+
+def test_nonfinite_statistics_on_one_rank_skip_the_factor_update_everywhere(runs):
+    for records in runs[0][2]["nan-statistics"]:
+        assert [r["stats"]["factor_updates"] for r in records] == [1, 1, 2, 3]
+        assert records[-1]["stats"]["skipped_factor_updates"] == 1
+        assert records[-1]["stats"]["nonfinite_grad_steps"] == 0
+        for k in records[0]["factors"]:  # step 1 left the factors as step 0 made them
+            for p, q in zip(records[1]["factors"][k], records[0]["factors"][k]):
+                assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", ["fail-a", "fail-b"])
+def test_failed_inversion_on_owner_gives_every_rank_the_same_fallback(runs, name):
+    for records in runs[0][2][name]:
+        assert records[-1]["stats"]["failed_inversions"] == 1
+        assert records[-1]["warnings"] == [
+            "KFACPreconditioner: inverting factor G of layer '0' failed (FAILED) even in float64; "
+            "using the previous inverse (warned once per factor)"]
+        assert records[-1]["stats"]["inverse_updates"] == 2
+
+
+# ---- checkpoints -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ckpt-a", "ckpt-b"])
+def test_checkpoint_from_two_ranks_resumes_on_one(runs, name):
+    spec = SCENARIOS[name]
+    path = runs[1][2] / f"{name}.ckpt"
+    state = torch.load(path, weights_only=False)["optimizer"]["kfac"]
+    assert set(state["factors"]) == {"0", "2", "4"}  # no "module." prefix
+    assert state["generator_rank"] == 0
+    if name == "ckpt-b":  # rank 0 holds the inverses of the layers it owns only
+        assert set(state["inverses"]) == {"2"}
+    resumed = train(spec, resume=str(path))
+    continued = runs[0][2][name][0][spec["save_after"]:]
+    assert len(resumed) == len(continued) == spec["steps"] - spec["save_after"]
+    for step, (got, want) in enumerate(zip(resumed, continued), spec["save_after"]):
+        for i, (p, q) in enumerate(zip(got["params"], want["params"])):
+            assert rel(p, q) < TOL, f"step {step}: parameter {i}"
+        for i, (p, q) in enumerate(zip(got["grads"], want["grads"])):
+            assert rel(p, q) < TOL, f"step {step}: gradient {i}"
+
+
+# ---- no process group, or one rank: the single-process code path --------------------------
+
+
+def test_world_size_one_process_group_is_the_single_process_path(tmp_path):
+    spec = SCENARIOS["a-eigen-type2"]
+    want = train(spec)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = mlp()
+        assert KFACPreconditioner(model, loss="cross_entropy")._dist is None
+        got = train(spec)
+    finally:
+        dist.destroy_process_group()
+    for g, w in zip(got, want):
+        for p, q in zip(g["params"], w["params"]):
+            assert torch.equal(p, q)
+
+
+def test_bad_grad_worker_fraction_is_refused():
+    with pytest.raises(ValueError, match="grad_worker_fraction"):
+        KFACPreconditioner(mlp(), loss="cross_entropy", grad_worker_fraction=1.5)
+
+
+# ---- assignment and packing (no processes) ----------------------------------------------
+
+
+def _loads(owner: dict[str, int], costs: dict[str, float], world: int) -> list[float]:
+    loads = [0.0] * world
+    for k, r in owner.items():
+        loads[r] += costs[k]
+    return loads
+
+
+def test_assignment_balances_cost():
+    rng = random.Random(0)
+    checked = 0
+    for _ in range(3000):
+        world = rng.randint(1, 8)
+        dims = [rng.choice([rng.randint(1, 16), rng.randint(16, 512)]) for _ in range(rng.randint(1, 24))]
+        costs = {f"layer{i}.{s}": float(d) ** 3 for i, d in enumerate(dims) for s in "AG"[: rng.randint(1, 2)]}
+        owner = kd.lpt_assignment(costs, world)
+        assert owner.keys() == costs.keys() and set(owner.values()) <= set(range(world))
+        loads = _loads(owner, costs, world)
+        avg, largest = sum(costs.values()) / world, max(costs.values())
+        # Graham's list-scheduling bound holds always ...
+        assert max(loads) <= avg + (1 - 1 / world) * largest + 1e-6 * avg
+        # ... and the 1.5 × average bound whenever at most `world` items exceed half the average.
+        if sum(c > avg / 2 for c in costs.values()) <= world:
+            checked += 1
+            assert max(loads) <= max(largest, 1.5 * avg) * (1 + 1e-12)
+    assert checked > 1000
+
+
+def test_assignment_of_real_models_balances_cost():
+    for model in (mlp(), nn.Sequential(*[nn.Linear(64, 64) for _ in range(8)]),
+                  nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 32, 3), nn.Flatten(), nn.Linear(32, 10))):
+        layers = KFACPreconditioner(model, loss="cross_entropy").layers
+        for colocate in (False, True):
+            costs = kd.inversion_costs(layers, colocate)
+            for world in (2, 3, 4):
+                loads = _loads(kd.lpt_assignment(costs, world), costs, world)
+                avg = sum(costs.values()) / world
+                assert max(loads) <= max(max(costs.values()), 1.5 * avg)
+
+
+def test_assignment_is_deterministic_and_breaks_ties_by_name():
+    costs = {f"l{i}": float(c) for i, c in enumerate([8, 8, 1, 1, 27, 27, 8, 1])}
+    want = kd.lpt_assignment(costs, 3)
+    for seed in range(5):
+        keys = list(costs)
+        random.Random(seed).shuffle(keys)
+        assert kd.lpt_assignment({k: costs[k] for k in keys}, 3) == want
+    assert kd.lpt_assignment({"b": 1.0, "a": 1.0}, 2) == {"a": 0, "b": 1}
+
+
+def test_lpt_cannot_always_meet_1_5_average():
+    """Why the 1.5 × average bound needs its condition: 5 equal items on 4 ranks."""
+    costs = {str(i): 1.0 for i in range(5)}
+    loads = _loads(kd.lpt_assignment(costs, 4), costs, 4)
+    assert max(loads) == 2.0 > 1.5 * 5 / 4
+
+
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_upper_triangle_roundtrip_is_exactly_symmetric(n):
+    m = torch.randn(n, n, dtype=F64)
+    m = m + m.T
+    flat = kd.pack_upper(m)
+    assert flat.numel() == n * (n + 1) // 2
+    iu = torch.triu_indices(n, n)
+    assert torch.equal(flat, m[iu[0], iu[1]])
+    out = kd.unpack_upper_(torch.full((n, n), float("nan"), dtype=F64), flat * 3)
+    assert torch.equal(out, out.T) and torch.equal(out, m * 3)
