@@ -30,16 +30,24 @@ def main() -> int:
         worst = {}
         # factor update: kernel path (d <= 511), ATen path (d + 1 > 512), bf16 inputs, ones on/off
         dims, ones = [1, 17, 65, 600], [True, False, True, True]
-        for x_dtype in (dtype, torch.bfloat16):
+        for x_dtype, decay in ((dtype, 0.9), (torch.bfloat16, 0.9), (torch.float16, 0.0)):
             xs = [torch.randn(37, d).to(x_dtype) for d in dims]
             fs = [spd(d + o, dtype) for d, o in zip(dims, ones)]
+            if decay == 0.0:
+                fs[1][0, 1] = float("nan")  # a stale NaN that decay 0 must drop
             fs_gpu = [f.to(DEVICE) for f in fs]
-            ops.factor_update_(fs, xs, decay=0.9, scales=0.5, append_ones=ones)
-            ops.factor_update_(fs_gpu, [x.to(DEVICE) for x in xs], decay=0.9, scales=0.5, append_ones=ones)
-            worst[f"factor_update {dtype} x={x_dtype}"] = max(rel_err(g, c) for g, c in zip(fs_gpu, fs))
+            ops.factor_update_(fs, xs, decay=decay, scales=0.5, append_ones=ones)
+            ops.factor_update_(fs_gpu, [x.to(DEVICE) for x in xs], decay=decay, scales=0.5, append_ones=ones)
+            worst[f"factor_update {dtype} x={x_dtype} decay={decay}"] = max(rel_err(g, c) for g, c in zip(fs_gpu, fs))
             assert all(torch.equal(f, f.T) for f in fs_gpu), "factor_update: not exactly symmetric"
-        # damped inverse: small kernel (<= 64), large ATen path, NaN and non-PD factors
+        # damped inverse: small kernel (<= 64), large ATen path, NaN and non-PD factors; in
+        # float32 a 1x1 whose damped value overflows: the kernel fails, the float64 retry succeeds
         factors = [spd(n, dtype) for n in (1, 7, 64, 65, 130)]
+        if dtype == torch.float32:
+            overflow = torch.tensor([[1.7e38]])
+            inv_o, st_o = ops.damped_inverse([overflow.to(DEVICE)], 2e38)
+            assert int(st_o[0]) == 1, f"overflow retry status {int(st_o[0])}"  # OK_AFTER_FP64_RETRY
+            worst["damped_inverse float32 overflow retry"] = rel_err(inv_o[0], torch.tensor([[1 / 3.7e38]]))
         factors += [torch.full((5, 5), float("nan"), dtype=dtype), -torch.eye(9, dtype=dtype)]
         gpu = [f.to(DEVICE) for f in factors]
         inv_c, st_c = ops.damped_inverse(factors, 1e-3)

@@ -12,6 +12,10 @@ Conventions (pinned by ``tests/``):
   bfloat16 or float16 and are cast up to the factor dtype before any arithmetic.
 * Ops take every scale and damping explicitly; none is guessed.
 
+On CUDA, ``factor_update_`` and ``precondition_eigen`` upload a per-layer table from pinned host
+memory at every call, and ``damped_inverse``/``eigen_decompose`` synchronize to decide retries:
+none of them is meant for capture in a CUDA graph.
+
 An empty list raises ``ValueError``; every other bad argument raises ``RuntimeError`` from the
 native check, naming the op and the argument. Failed inversions never raise: they are reported per factor through a :class:`Status` tensor and
 their results are all zeros (never NaN), so a caller that ignores the status cannot push NaN

@@ -63,12 +63,14 @@ void factor_update_one_aten(const at::Tensor& factor, const at::Tensor& x, doubl
   // beta == 0 makes addmm ignore the old values entirely, NaN included.
   core.addmm_(xf.t(), xf, /*beta=*/decay, /*alpha=*/scale);
   if (append_ones) {
-    // Only the upper half of the ones row/column: the mirror below writes the other half.
+    // Only the upper half of the ones row/column: the caller's mirror writes the other half.
     ema_(factor.narrow(0, 0, d).select(1, d), at::sum(xf, 0), decay, scale);
     const at::Tensor corner = factor.narrow(0, d, 1).narrow(1, d, 1);
     ema_(corner, at::full_like(corner, static_cast<double>(x.size(0))), decay, scale);
   }
-  // Exactly symmetric: the strict lower triangle becomes a copy of the strict upper one.
+}
+
+void mirror_upper_aten(const at::Tensor& factor) {
   factor.copy_(at::triu(factor) + at::triu(factor, 1).mT());
 }
 

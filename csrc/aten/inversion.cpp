@@ -14,6 +14,7 @@
 #include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <map>
 
 #include "checks.h"
@@ -46,7 +47,7 @@ at::Tensor stack_symmetrized(at::TensorList factors, const std::vector<size_t>& 
   std::vector<at::Tensor> mats;
   mats.reserve(bucket.size());
   for (size_t i : bucket) mats.push_back(factors[i].to(dtype));
-  at::Tensor batch = at::stack(mats);
+  const at::Tensor batch = mats.size() == 1 ? mats[0].unsqueeze(0) : at::stack(mats);
   return (batch + batch.mT()).mul_(0.5);
 }
 
@@ -54,17 +55,27 @@ at::Tensor finite_per_matrix(const at::Tensor& batch) {
   return at::isfinite(batch).flatten(1).all(1);
 }
 
-// Non-finite matrices are swapped for the identity before factorizing, so the library never sees
-// NaN (its behaviour on NaN is unspecified); their results are discarded anyway.
-at::Tensor identity_where_not(const at::Tensor& batch, const at::Tensor& keep) {
-  const at::Tensor eye = at::eye(batch.size(-1), batch.options());
-  return at::where(keep.view({-1, 1, 1}), batch, eye);
-}
-
 std::vector<bool> to_host(const at::Tensor& flags) {
   const at::Tensor host = flags.to(at::kCPU, at::kBool).contiguous();
   const bool* p = host.data_ptr<bool>();
   return std::vector<bool>(p, p + host.numel());
+}
+
+// Matrices whose flag is unset are swapped for the identity before the next library call, so it
+// never sees NaN (unspecified behaviour) or a failed factor (cholesky_inverse throws on a zero
+// pivot and would lose the whole batch); their results are discarded anyway. No copy when every
+// flag is set, the common case.
+at::Tensor identity_where_not(const at::Tensor& batch, const at::Tensor& keep,
+                              const std::vector<bool>& keep_host) {
+  if (std::all_of(keep_host.begin(), keep_host.end(), [](bool b) { return b; })) return batch;
+  const at::Tensor eye = at::eye(batch.size(-1), batch.options());
+  return at::where(keep.view({-1, 1, 1}), batch, eye);
+}
+
+// Results are slices of one batch; outputs must not alias each other, so slices get their own
+// storage when the batch holds more than one.
+at::Tensor own(const at::Tensor& batch, int64_t k) {
+  return batch.size(0) == 1 ? batch[k] : batch[k].clone();
 }
 
 void invert_bucket(at::TensorList factors, at::ArrayRef<double> damping,
@@ -77,13 +88,14 @@ void invert_bucket(at::TensorList factors, at::ArrayRef<double> damping,
       at::from_blob(gammas.data(), {static_cast<int64_t>(gammas.size()), 1}, at::kDouble)
           .to(batch.device(), dtype, false, true);
   const at::Tensor finite = finite_per_matrix(batch);
-  at::Tensor damped = identity_where_not(batch, finite);
+  const std::vector<bool> finite_h = to_host(finite);
+  at::Tensor damped = identity_where_not(batch, finite, finite_h);
   damped.diagonal(0, -2, -1).add_(gamma);
   const auto [chol_raw, info] = at::linalg_cholesky_ex(damped);
-  // A pivot that overflowed (inf) passes LAPACK's check; a failed factor must not reach
-  // cholesky_inverse either (it throws on a zero pivot and would lose the whole batch).
-  const at::Tensor factored = info.eq(0).logical_and(finite_per_matrix(chol_raw));
-  const at::Tensor chol = identity_where_not(chol_raw, factored);
+  // A pivot that overflowed (inf) passes LAPACK's check; it shows on the diagonal.
+  const at::Tensor factored =
+      info.eq(0).logical_and(at::isfinite(chol_raw.diagonal(0, -2, -1)).all(-1));
+  const at::Tensor chol = identity_where_not(chol_raw, factored, to_host(factored));
   at::Tensor inv = at::cholesky_inverse(chol);
   inv = (inv + inv.mT()).mul_(0.5);
   const at::ScalarType out_dtype = factors[bucket[0]].scalar_type();
@@ -91,13 +103,13 @@ void invert_bucket(at::TensorList factors, at::ArrayRef<double> damping,
   // retry may overflow float32 in the cast: checked next.
   inv = inv.to(out_dtype).contiguous();
   const at::Tensor ok = finite.logical_and(factored).logical_and(finite_per_matrix(inv));
-  const std::vector<bool> ok_h = to_host(ok), finite_h = to_host(finite);
+  const std::vector<bool> ok_h = to_host(ok);
 
   std::vector<size_t> retry;
   for (size_t k = 0; k < bucket.size(); ++k) {
     const size_t i = bucket[k];
     if (ok_h[k]) {
-      out.inverses[i] = inv[k].clone();  // own storage: outputs must not alias each other
+      out.inverses[i] = own(inv, k);
       out.status[i] = static_cast<int32_t>(is_retry ? Status::kOkAfterFp64Retry : Status::kOk);
       continue;
     }
@@ -117,9 +129,10 @@ void eigen_bucket(at::TensorList factors, const std::vector<size_t>& bucket,
                   at::ScalarType dtype, bool is_retry, EigenResults& out) {
   const at::Tensor batch = stack_symmetrized(factors, bucket, dtype);
   const at::Tensor finite = finite_per_matrix(batch);
+  const std::vector<bool> finite_h = to_host(finite);
   at::Tensor evals, evecs;
   try {
-    std::tie(evals, evecs) = at::linalg_eigh(identity_where_not(batch, finite));
+    std::tie(evals, evecs) = at::linalg_eigh(identity_where_not(batch, finite, finite_h));
   } catch (const c10::Error&) {
     // The library reports non-convergence for the whole batch: solve each factor alone so that
     // one bad factor does not fail its neighbours.
@@ -134,16 +147,15 @@ void eigen_bucket(at::TensorList factors, const std::vector<size_t>& bucket,
   const at::ScalarType out_dtype = factors[bucket[0]].scalar_type();
   evals = evals.clamp_min(0).to(out_dtype);
   evecs = evecs.to(out_dtype).contiguous();
-  const at::Tensor ok = finite.logical_and(finite_per_matrix(evals))
-                            .logical_and(finite_per_matrix(evecs));
-  const std::vector<bool> ok_h = to_host(ok), finite_h = to_host(finite);
+  // Finite input gives finite vectors or a thrown error; NaN eigenvalues mark "not solved".
+  const std::vector<bool> ok_h = to_host(finite.logical_and(finite_per_matrix(evals)));
 
   std::vector<size_t> retry;
   for (size_t k = 0; k < bucket.size(); ++k) {
     const size_t i = bucket[k];
     if (ok_h[k]) {
-      out.eigenvalues[i] = evals[k].clone();  // own storage: outputs must not alias
-      out.eigenvectors[i] = evecs[k].clone();
+      out.eigenvalues[i] = own(evals, k);
+      out.eigenvectors[i] = own(evecs, k);
       out.status[i] = static_cast<int32_t>(is_retry ? Status::kOkAfterFp64Retry : Status::kOk);
       continue;
     }

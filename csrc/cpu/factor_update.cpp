@@ -1,5 +1,7 @@
 // Factor update on CPU: one ATen GEMM per layer plus a fused epilogue, layers in parallel when
 // they are small. Semantics are documented in kfac_ext/ops.py::factor_update_.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -9,15 +11,44 @@
 
 namespace kfac::cpu {
 
+namespace {
+
+constexpr int64_t kMirrorTile = 32;
+
+// In place, exactly symmetric: F[j, i] = F[i, j] for j > i, tile by tile so both the reads and
+// the strided writes stay in cache.
+void mirror_upper(const at::Tensor& factor) {
+  AT_DISPATCH_FLOATING_TYPES(factor.scalar_type(), "factor_update", [&] {
+    scalar_t* f = factor.data_ptr<scalar_t>();
+    const int64_t n = factor.size(0);
+    const int64_t tiles = (n + kMirrorTile - 1) / kMirrorTile;
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ti = begin; ti < end; ++ti) {
+        const int64_t i0 = ti * kMirrorTile, i1 = std::min(n, i0 + kMirrorTile);
+        for (int64_t j0 = i0; j0 < n; j0 += kMirrorTile) {
+          const int64_t j1 = std::min(n, j0 + kMirrorTile);
+          for (int64_t i = i0; i < i1; ++i) {
+            for (int64_t j = std::max(j0, i + 1); j < j1; ++j) f[j * n + i] = f[i * n + j];
+          }
+        }
+      }
+    });
+  });
+}
+
+}  // namespace
+
 void factor_update(at::TensorList factors, at::TensorList xs, double decay,
                    at::ArrayRef<double> scales, c10::List<bool> append_ones) {
   check_factor_update_args(factors, xs, decay, scales, append_ones);
   double largest = 0;
-  for (const at::Tensor& f : factors) {
-    largest = std::max(largest, 2.0 * f.size(0) * f.size(0) * static_cast<double>(xs[0].size(0)));
+  for (size_t i = 0; i < factors.size(); ++i) {
+    const double n = static_cast<double>(factors[i].size(0));
+    largest = std::max(largest, 2.0 * n * n * static_cast<double>(xs[i].size(0)));
   }
   for_each_layer(factors.size(), largest, [&](size_t i) {
     factor_update_one_aten(factors[i], xs[i], decay, scales[i], append_ones.get(i));
+    mirror_upper(factors[i]);
   });
 }
 

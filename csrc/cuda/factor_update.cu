@@ -9,6 +9,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "aten/factor_update.h"
 #include "cuda/layer_table.cuh"
 
@@ -89,8 +91,11 @@ __global__ void __launch_bounds__(kTile * kThreadRows)
   for (int o = 0; o < kOutputsPerThread; ++o) {
     const int64_t i = i0 + ty + o * kThreadRows, j = j0 + tx;
     if (i >= e.dbar || j >= e.dbar || i > j) continue;  // upper triangle only
+    // The corner sums rows ones: exact, as on CPU (a float32 sum of ones stalls at 2^24).
+    const bool corner = e.dbar > e.d && i == e.d && j == e.d;
+    const acc_t sum = corner ? static_cast<acc_t>(e.rows) : acc[o];
     // decay == 0 overwrites: a stale NaN in the old factor must not survive (0 * NaN = NaN).
-    const acc_t value = decay == 0.0 ? scale * acc[o] : beta * f[i * e.dbar + j] + scale * acc[o];
+    const acc_t value = decay == 0.0 ? scale * sum : beta * f[i * e.dbar + j] + scale * sum;
     f[i * e.dbar + j] = value;
     f[j * e.dbar + i] = value;
   }
@@ -124,6 +129,7 @@ void factor_update(at::TensorList factors, at::TensorList xs, double decay,
     const int64_t dbar = factors[i].size(0);
     if (dbar > kMaxKernelDim) {
       factor_update_one_aten(factors[i], xs[i], decay, scales[i], append_ones.get(i));
+      mirror_upper_aten(factors[i]);
       continue;
     }
     const int64_t per_side = (dbar + kTile - 1) / kTile;
@@ -132,6 +138,8 @@ void factor_update(at::TensorList factors, at::TensorList xs, double decay,
                        per_side, blocks, scales[i]});
     blocks += per_side * (per_side + 1) / 2;
   }
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "factor_update: ", blocks,
+              " tiles exceed one launch's grid");
   if (!entries.empty()) launch_factor_update(entries, blocks, xs[0], factors[0], decay);
 }
 

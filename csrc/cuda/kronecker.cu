@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "aten/kronecker.h"
 #include "cuda/layer_table.cuh"
 
@@ -51,6 +53,7 @@ void divide_by_damped_eigenvalues(const std::vector<at::Tensor>& rotated,
   std::vector<DivideEntry> entries;
   int64_t blocks = 0;
   for (size_t i = 0; i < rotated.size(); ++i) {
+    TORCH_INTERNAL_ASSERT(rotated[i].is_contiguous(), "the kernel indexes rows x cols row-major");
     const int64_t count = rotated[i].numel();
     if (count == 0) continue;
     entries.push_back({rotated[i].data_ptr(), g_eigenvalues[i].data_ptr(),
@@ -59,6 +62,8 @@ void divide_by_damped_eigenvalues(const std::vector<at::Tensor>& rotated,
     blocks += (count + kElementsPerBlock - 1) / kElementsPerBlock;
   }
   if (entries.empty()) return;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "precondition_eigen: ", blocks,
+              " blocks exceed one launch's grid");
   const at::Tensor table = upload_table(entries, rotated[0].device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(rotated[0].scalar_type(), "precondition_eigen", [&] {
