@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.utils.benchmark as tbench
 
-import kfac_ext
+from timing import environment, median_seconds
+
 from kfac_ext import ops, reference
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -141,19 +139,13 @@ def _too_big(family: str, d: int, layers: int, rows: int) -> bool:
     return work > limit
 
 
-def time_median(fn: Callable, min_run_time: float) -> float:
-    fn()  # warm-up: allocator, handles, lazy init
-    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
-
-
 def run(cases: list[Case], device, min_run_time: float) -> list[dict]:
     rows = []
     for i, case in enumerate(cases):
         torch.manual_seed(i)
         native, ref = make_workload(case, device)
-        t_native = time_median(native, min_run_time)
-        t_ref = time_median(ref, min_run_time)
+        t_native = median_seconds(native, min_run_time)
+        t_ref = median_seconds(ref, min_run_time)
         flops = FLOPS[case.family](case)
         rows.append(
             dict(
@@ -201,20 +193,6 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.tick_params(labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def environment(device) -> dict:
-    env = dict(
-        date=time.strftime("%Y-%m-%d"),
-        torch=torch.__version__,
-        kfac_ext=kfac_ext.build_info(),
-        device=str(device),
-        cpu=platform.processor() or platform.machine(),
-        threads=torch.get_num_threads(),
-    )
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env
 
 
 def main(argv=None) -> None:

@@ -16,15 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torch.utils.benchmark as tbench
 from torch import nn
 
-import kfac_ext
+from timing import environment, median_seconds
+
 from kfac_ext import KFACPreconditioner
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -77,12 +76,6 @@ def zoo(quick: bool):
     }
 
 
-def median(fn, min_run_time):
-    fn()
-    return tbench.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=min_run_time).median
-
-
 def measure(model, x, backend, device, min_run_time):
     model = model.to(device)
     x = x.to(device)
@@ -99,9 +92,9 @@ def measure(model, x, backend, device, min_run_time):
     forward_backward()  # leaves this step's captures pending for the phase timings
     grads = precond._gradients()
     times = dict(
-        factor_update=median(precond._update_factors, min_run_time),
-        inversion=median(precond._update_inverses, min_run_time),
-        precondition=median(lambda: precond._precondition(grads), min_run_time),
+        factor_update=median_seconds(precond._update_factors, min_run_time),
+        inversion=median_seconds(precond._update_inverses, min_run_time),
+        precondition=median_seconds(lambda: precond._precondition(grads), min_run_time),
     )
 
     def kfac_step():
@@ -109,7 +102,7 @@ def measure(model, x, backend, device, min_run_time):
         precond.step()
 
     precond.inv_update_steps = 10**9  # time steps without inversion, add it amortised
-    times["step"] = median(kfac_step, min_run_time) + times["inversion"] / INV_UPDATE_STEPS
+    times["step"] = median_seconds(kfac_step, min_run_time) + times["inversion"] / INV_UPDATE_STEPS
     precond.remove_hooks()
     sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
@@ -117,7 +110,7 @@ def measure(model, x, backend, device, min_run_time):
         forward_backward()
         sgd.step()
 
-    times["sgd_step"] = median(sgd_step, min_run_time)
+    times["sgd_step"] = median_seconds(sgd_step, min_run_time)
     return times
 
 
@@ -139,12 +132,9 @@ def main(argv=None):
         rows.append(dict(model=name, **{f"{b}_{k}_ms": v * 1e3 for b, t in per_backend.items() for k, v in t.items()}))
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"step-{device.type}{'-quick' if args.quick else ''}"
-    env = dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, device=str(device),
-               threads=torch.get_num_threads(), kfac_ext=kfac_ext.build_info())
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
+    env = environment(device)
     (args.out / f"{stem}.json").write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
-    print(f"\n{stem}: torch {env['torch']}, {env.get('gpu', 'CPU')}, {env['threads']} threads, {env['date']}\n")
+    print(f"\n{stem}: torch {env['torch']}, {env.get('gpu', env['cpu'])}, {env['threads']} threads, {env['date']}\n")
     print(table(rows))
 
 

@@ -29,6 +29,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import kfac_ext
+from timing import environment
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SEED = 0
@@ -176,14 +177,14 @@ def main(argv=None):
     print(file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     table = report(results)
-    (args.out / "demo.json").write_text(json.dumps(dict(environment=environment(), results=results), indent=1))
+    (args.out / "demo.json").write_text(json.dumps(dict(environment=environment(torch.device("cpu")), results=results), indent=1))
     plot(results, args.out / "demo.png")
     print(table)
     print(f"\nplot: {args.out / 'demo.png'}")
 
 
 def report(results) -> str:
-    env = environment()
+    env = environment(torch.device("cpu"))
     lines = [f"digits demo: torch {env['torch']}, {env['threads']} CPU threads, {env['date']}", ""]
     for task_name, per_opt in results.items():
         target = max(r["train_loss"] for r in per_opt.values())
@@ -220,11 +221,6 @@ def plot(results, path):
         row[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def environment():
-    return dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, threads=torch.get_num_threads(),
-                kfac_ext=kfac_ext.build_info())
 
 
 if __name__ == "__main__":
