@@ -11,6 +11,24 @@ namespace kfac::cpu {
 
 namespace {
 
+// A bucket is processed in pieces of at most this many bytes: every pass over a piece (stack,
+// symmetrize, factorize, invert, check) then stays in cache, which a batch of large factors
+// would not (ATen's CPU batched LAPACK loops over the matrices anyway, so nothing is lost).
+constexpr int64_t kPieceBytes = 4 << 20;
+
+std::vector<std::vector<size_t>> cache_sized_pieces(at::TensorList factors) {
+  std::vector<std::vector<size_t>> pieces;
+  for (const auto& bucket : bucket_by_size(factors, all_indices(factors.size()))) {
+    const at::Tensor& f = factors[bucket[0]];
+    const int64_t bytes = f.numel() * static_cast<int64_t>(f.element_size());
+    const size_t per = static_cast<size_t>(std::max<int64_t>(1, kPieceBytes / std::max<int64_t>(1, bytes)));
+    for (size_t start = 0; start < bucket.size(); start += per) {
+      pieces.emplace_back(bucket.begin() + start, bucket.begin() + std::min(bucket.size(), start + per));
+    }
+  }
+  return pieces;
+}
+
 double largest_bucket_flops(at::TensorList factors,
                             const std::vector<std::vector<size_t>>& buckets) {
   double largest = 0;
@@ -27,7 +45,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> damped_inverse(at::TensorList fa
                                                                at::ArrayRef<double> damping) {
   check_damped_inverse_args(factors, damping);
   InverseResults out(factors.size());
-  const auto buckets = bucket_by_size(factors, all_indices(factors.size()));
+  const auto buckets = cache_sized_pieces(factors);
   for_each_layer(buckets.size(), largest_bucket_flops(factors, buckets),
                  [&](size_t b) { damped_inverse_aten(factors, damping, buckets[b], out); });
   return out.pack(factors[0].device());
@@ -37,7 +55,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> eigen_d
     at::TensorList factors) {
   check_eigen_decompose_args(factors);
   EigenResults out(factors.size());
-  const auto buckets = bucket_by_size(factors, all_indices(factors.size()));
+  const auto buckets = cache_sized_pieces(factors);
   // eigh costs roughly 10x a Cholesky of the same size.
   for_each_layer(buckets.size(), 10 * largest_bucket_flops(factors, buckets),
                  [&](size_t b) { eigen_decompose_aten(factors, buckets[b], out); });
