@@ -118,12 +118,13 @@ class KFAC(torch.optim.SGD):
         delta_by_param = {p: d for p, d in zip(self._params(), deltas)}
         linear = 0.0
         quad = gamma * sum(float((d.double() ** 2).sum()) for d in deltas)
+        factors = precond.factors()
         for layer, grad in zip(precond.layers, raw_grads):
             w = layer.module.weight
             dw = delta_by_param[w].reshape(w.shape[0], -1)
             if layer.has_bias:
                 dw = torch.cat([dw, delta_by_param[layer.module.bias].unsqueeze(1)], 1)
-            a, g = precond.factors()[layer.name]
+            a, g = factors[layer.name]
             dw = dw.to(a.dtype)
             curvature = precond.ops.kron_matmul([g], [dw], [a])[0]
             quad += float((dw.double() * curvature.double()).sum())

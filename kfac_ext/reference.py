@@ -51,13 +51,19 @@ def damped_inverse(
     return inverses, torch.tensor(status, dtype=torch.int32, device=factors[0].device)
 
 
+def _attempts(dtype: torch.dtype) -> list[tuple[torch.dtype, Status]]:
+    """The dtypes to try in order, with the status a success in each earns: float32 failures are
+    retried in float64."""
+    attempts = [(dtype, Status.OK)]
+    if dtype == torch.float32:
+        attempts.append((torch.float64, Status.OK_AFTER_FP64_RETRY))
+    return attempts
+
+
 def _damped_inverse_one(factor: Tensor, gamma: float) -> tuple[Tensor, int]:
     if not torch.isfinite(factor).all():
         return torch.zeros_like(factor), Status.NON_FINITE_INPUT
-    attempts = [(factor.dtype, Status.OK)]
-    if factor.dtype == torch.float32:
-        attempts.append((torch.float64, Status.OK_AFTER_FP64_RETRY))
-    for dtype, code in attempts:
+    for dtype, code in _attempts(factor.dtype):
         damped = _symmetrize(factor.to(dtype))
         damped = damped + gamma * torch.eye(len(damped), dtype=dtype, device=damped.device)
         chol, info = torch.linalg.cholesky_ex(damped)
@@ -81,10 +87,7 @@ def _eigen_one(factor: Tensor) -> tuple[Tensor, Tensor, int]:
     failed_values = factor.new_zeros(factor.shape[0])
     if not torch.isfinite(factor).all():
         return failed_values, torch.zeros_like(factor), Status.NON_FINITE_INPUT
-    attempts = [(factor.dtype, Status.OK)]
-    if factor.dtype == torch.float32:
-        attempts.append((torch.float64, Status.OK_AFTER_FP64_RETRY))
-    for dtype, code in attempts:
+    for dtype, code in _attempts(factor.dtype):
         try:
             values, vectors = torch.linalg.eigh(_symmetrize(factor.to(dtype)))
         except torch.linalg.LinAlgError:
