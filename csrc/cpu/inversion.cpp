@@ -29,12 +29,12 @@ std::vector<std::vector<size_t>> cache_sized_pieces(at::TensorList factors) {
   return pieces;
 }
 
-double largest_bucket_flops(at::TensorList factors,
-                            const std::vector<std::vector<size_t>>& buckets) {
+double largest_piece_flops(at::TensorList factors,
+                           const std::vector<std::vector<size_t>>& pieces) {
   double largest = 0;
-  for (const auto& bucket : buckets) {
-    const double n = static_cast<double>(factors[bucket[0]].size(0));
-    largest = std::max(largest, n * n * n * static_cast<double>(bucket.size()));
+  for (const auto& piece : pieces) {
+    const double n = static_cast<double>(factors[piece[0]].size(0));
+    largest = std::max(largest, n * n * n * static_cast<double>(piece.size()));
   }
   return largest;
 }
@@ -45,9 +45,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> damped_inverse(at::TensorList fa
                                                                at::ArrayRef<double> damping) {
   check_damped_inverse_args(factors, damping);
   InverseResults out(factors.size());
-  const auto buckets = cache_sized_pieces(factors);
-  for_each_layer(buckets.size(), largest_bucket_flops(factors, buckets),
-                 [&](size_t b) { damped_inverse_aten(factors, damping, buckets[b], out); });
+  const auto pieces = cache_sized_pieces(factors);
+  for_each_layer(pieces.size(), largest_piece_flops(factors, pieces),
+                 [&](size_t p) { damped_inverse_aten(factors, damping, pieces[p], out); });
   return out.pack(factors[0].device());
 }
 
@@ -55,10 +55,10 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> eigen_d
     at::TensorList factors) {
   check_eigen_decompose_args(factors);
   EigenResults out(factors.size());
-  const auto buckets = cache_sized_pieces(factors);
+  const auto pieces = cache_sized_pieces(factors);
   // eigh costs roughly 10x a Cholesky of the same size.
-  for_each_layer(buckets.size(), 10 * largest_bucket_flops(factors, buckets),
-                 [&](size_t b) { eigen_decompose_aten(factors, buckets[b], out); });
+  for_each_layer(pieces.size(), 10 * largest_piece_flops(factors, pieces),
+                 [&](size_t p) { eigen_decompose_aten(factors, pieces[p], out); });
   return out.pack(factors[0].device());
 }
 
