@@ -2,6 +2,7 @@
 
 * :class:`KFACPreconditioner` rewrites ``.grad`` with the K-FAC direction before any optimizer;
 * :class:`KFAC` is a ``torch.optim`` optimizer (K-FAC + SGD momentum);
+* :mod:`kfac_ext.layers` are the layer kinds K-FAC preconditions (a registry);
 * :mod:`kfac_ext.ops` are the batched native ops, :mod:`kfac_ext.reference` their pure-PyTorch
   twins, :mod:`kfac_ext.natural` the exact natural-gradient math for small models.
 """
@@ -9,11 +10,11 @@
 # The native module has no RUNPATH to torch's libraries: torch must be loaded first.
 import torch  # noqa: F401
 
-from . import _C, natural, ops  # noqa: F401  (importing _C registers torch.ops.kfac_ext.*)
+from . import _C, layers, natural, ops  # noqa: F401  (importing _C registers torch.ops.kfac_ext.*)
 from .optimizer import KFAC
 from .ops import Status
 from .preconditioner import KFACPreconditioner
 
 build_info = _C.build_info
 
-__all__ = ["KFAC", "KFACPreconditioner", "Status", "build_info", "natural", "ops"]
+__all__ = ["KFAC", "KFACPreconditioner", "Status", "build_info", "layers", "natural", "ops"]

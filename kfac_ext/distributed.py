@@ -58,7 +58,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from .capture import KFACLayer
+    from .layers import Block
     from .preconditioner import KFACPreconditioner
 
 __all__ = [
@@ -110,14 +110,18 @@ def setup(
 # ---- assignment --------------------------------------------------------------------------
 
 
-def inversion_costs(layers: Sequence[KFACLayer], colocate: bool) -> dict[str, float]:
+def inversion_costs(layers: Sequence[Block], colocate: bool) -> dict[str, float]:
     """Work items and their cost ``n³``: ``"<layer>.A"`` and ``"<layer>.G"`` each on their own,
-    or (``colocate``) one item ``"<layer>"`` costing ``a³ + g³``."""
+    or (``colocate``) one item ``"<layer>"`` costing ``a³ + g³``. A diagonal A costs ``n``
+    (every rank inverts those itself, see :meth:`DistributedContext.invert`)."""
+    def a_cost(l):
+        return float(l.a_dim) if l.a_diagonal else float(l.a_dim) ** 3
+
     if colocate:
-        return {l.name: float(l.a_dim) ** 3 + float(l.g_dim) ** 3 for l in layers}
+        return {l.name: a_cost(l) + float(l.g_dim) ** 3 for l in layers}
     costs = {}
     for l in layers:
-        costs[f"{l.name}.A"] = float(l.a_dim) ** 3
+        costs[f"{l.name}.A"] = a_cost(l)
         costs[f"{l.name}.G"] = float(l.g_dim) ** 3
     return costs
 
@@ -163,16 +167,26 @@ def _triangle(n: int) -> int:
     return n * (n + 1) // 2
 
 
+def _packed_size(f: Tensor) -> int:
+    """Elements a factor takes in a flat buffer: a matrix's upper triangle, a vector whole."""
+    return _triangle(f.shape[0]) if f.dim() == 2 else f.numel()
+
+
 def pack_upper(m: Tensor, out: Tensor | None = None) -> Tensor:
     """The upper triangle of the square contiguous ``m`` as a flat ``[n(n+1)/2]`` tensor
-    (written into ``out`` when given)."""
+    (written into ``out`` when given); a vector (a diagonal factor) is taken whole."""
+    if m.dim() == 1:
+        return out.copy_(m) if out is not None else m.clone()
     idx = _triu_flat_indices(m.shape[0], m.device)
     return torch.index_select(m.reshape(-1), 0, idx, out=out) if out is not None else m.reshape(-1)[idx]
 
 
 def unpack_upper_(m: Tensor, flat: Tensor) -> Tensor:
     """Writes the upper triangle ``flat`` into the contiguous ``m`` and mirrors it: ``m`` is
-    exactly symmetric (each lower entry is a copy, ``x + 0``, of its upper twin)."""
+    exactly symmetric (each lower entry is a copy, ``x + 0``, of its upper twin). A vector is
+    copied whole."""
+    if m.dim() == 1:
+        return m.copy_(flat)
     m.view(-1).index_copy_(0, _triu_flat_indices(m.shape[0], m.device), flat)
     m.copy_(m.triu() + m.triu(1).mT)
     return m
@@ -227,8 +241,8 @@ class DistributedContext:
         self.shares_gradients = grad_worker_fraction < 1.0
         self.seed = seed
         self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
-        layers = precond.layers
-        self.device = layers[0].module.weight.device
+        layers = precond.blocks
+        self.device = layers[0].device
         items = lpt_assignment(inversion_costs(layers, colocate=self.shares_gradients), self.world_size)
         if self.shares_gradients:
             self.owners = {(l.name, s): items[l.name] for l in layers for s in ("A", "G")}
@@ -274,13 +288,13 @@ class DistributedContext:
             by_kind.setdefault((f.dtype, f.device), []).append(f)
         pending = []
         for group in by_kind.values():
-            sizes = [_triangle(f.shape[0]) for f in group]
+            sizes = [_packed_size(f) for f in group]
             for idx in _buckets(sizes, group[0].element_size(), self.bucket_cap_bytes):
                 mats = [group[i] for i in idx]
                 flat = torch.empty(sum(sizes[i] for i in idx), dtype=mats[0].dtype, device=mats[0].device)
                 offset = 0
                 for m in mats:
-                    k = _triangle(m.shape[0])
+                    k = _packed_size(m)
                     pack_upper(m, out=flat[offset:offset + k])
                     offset += k
                 self._count("factors", flat)
@@ -290,7 +304,7 @@ class DistributedContext:
             flat.div_(self.world_size)
             offset = 0
             for m in mats:
-                k = _triangle(m.shape[0])
+                k = _packed_size(m)
                 unpack_upper_(m, flat[offset:offset + k])
                 offset += k
 
@@ -302,14 +316,17 @@ class DistributedContext:
         stay on the owner (others get :data:`REMOTE`); the status list is shared either way."""
         precond = self.precond
         n = len(factors)
-        mine = [i for i in range(n) if self._factor_owner[i] == self.rank]
+        # Diagonal factors are cheap: every rank inverts them, none is broadcast.
+        mine = [i for i in range(n) if self._factor_owner[i] == self.rank or factors[i].dim() == 1]
         results: list[tuple] = [REMOTE] * n
         status = torch.zeros(n, dtype=torch.int32, device=factors[0].device)
         if mine:
             local, local_status = precond._invert([factors[i] for i in mine], [damping[i] for i in mine])
             for i, r in zip(mine, local):
                 results[i] = r
-            status[mine] = torch.tensor(local_status, dtype=torch.int32).to(status.device)
+            owned = [(i, code) for i, code in zip(mine, local_status) if self._factor_owner[i] == self.rank]
+            if owned:  # the owner alone reports (the all-reduce sums the codes)
+                status[[i for i, _ in owned]] = torch.tensor([c for _, c in owned], dtype=torch.int32).to(status.device)
         self._count("flags", status)
         status_work = dist.all_reduce(status, group=self.group, async_op=True)
         if not self.shares_gradients:
@@ -322,7 +339,7 @@ class DistributedContext:
         dtype, device = self.precond.inv_dtype, factors[0].device
         pending = []
         for src in range(self.world_size):
-            idx = [i for i, owner in enumerate(self._factor_owner) if owner == src]
+            idx = [i for i, owner in enumerate(self._factor_owner) if owner == src and factors[i].dim() == 2]
             if not idx:
                 continue
             dims = [factors[i].shape[0] for i in idx]
@@ -354,11 +371,10 @@ class DistributedContext:
 
     # ---- 3./4. gradients -----------------------------------------------------------------
 
-    def precondition(self, grads: list[Tensor]) -> list[Tensor]:
-        """``shares_gradients`` mode: every layer's preconditioned gradient, computed by the
-        layer's owner and broadcast (one flat buffer per owner and dtype)."""
+    def precondition(self, layers: list, grads: list[Tensor]) -> list[Tensor]:
+        """``shares_gradients`` mode: the preconditioned gradient of each of ``layers`` (blocks),
+        computed by its owner and broadcast (one flat buffer per owner and dtype)."""
         precond = self.precond
-        layers = precond.layers
         mine = [i for i, l in enumerate(layers) if self.owners[(l.name, "A")] == self.rank]
         updates: list[Tensor | None] = [None] * len(layers)
         if mine:

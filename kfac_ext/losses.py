@@ -8,12 +8,18 @@ PyTorch's ``mse_loss``/``binary_cross_entropy_with_logits`` with ``"mean"`` aver
 
 Each loss gives what the Fisher estimators need, all w.r.t. ``z_n``:
 
-* ``sample_output_grads(z, generator)``: ``v_n = ∇ℓ_n`` at targets sampled from the model's
+* ``sample_output_grads(z, generator, mask)``: ``v_n = ∇ℓ_n`` at targets sampled from the model's
   predictive distribution (the "true" Fisher by Monte Carlo, seed §7), so ``E[v vᵀ] = ∇²ℓ_n``
   (where ``ℓ_n`` is ``w`` times a negative log-likelihood, ``v = √w ∇NLL``),
-* ``hessian_sqrt(z)``: ``K`` columns ``c_k`` with ``Σ_k c_k c_kᵀ = ∇²ℓ_n`` (the exact expectation
-  over targets, "type-2", seed App. A; exact for these exponential families),
-* ``hessian(z)``: ``∇²ℓ_n`` itself, dense, for the exact small-model Fisher.
+* ``hessian_sqrt(z, mask)``: ``K`` columns ``c_k`` with ``Σ_k c_k c_kᵀ = ∇²ℓ_n`` (the exact
+  expectation over targets, "type-2", seed App. A; exact for these exponential families),
+* ``hessian(z)``: ``∇²ℓ_n`` itself, dense, for the exact small-model Fisher,
+* ``num_terms(z, mask)``: the ``M`` that ``reduction="mean"`` divides by.
+
+Cross-entropy takes logits ``[..., C]``: every leading index is a term (a token of a ``[B, T, C]``
+language-model output), and ``mask`` (``[...]``, bool; default all) says which terms the loss
+counts — positions whose label is ``ignore_index`` or padding carry no curvature. A token-mean
+loss is ``(1/M) Σ ℓ_t`` over the ``M`` counted tokens, so ``M`` is the number of counted tokens.
 """
 
 from __future__ import annotations
@@ -52,10 +58,14 @@ class Loss:
         """``∂ℓ_n/∂z_n = scale · ∂L/∂z_n``: undoes the mean's ``1/N``."""
         return float(batch_size) if self.reduction == "mean" else 1.0
 
-    def sample_output_grads(self, output: Tensor, generator: torch.Generator | None) -> Tensor:
+    def num_terms(self, output: Tensor, mask: Tensor | None = None) -> int:
+        """``M``: the number of terms ``ℓ_n`` (``"mean"`` divides by it): the leading dimension."""
+        return output.shape[0]
+
+    def sample_output_grads(self, output: Tensor, generator: torch.Generator | None, mask: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
-    def hessian_sqrt(self, output: Tensor) -> Tensor:
+    def hessian_sqrt(self, output: Tensor, mask: Tensor | None = None) -> Tensor:
         """``[K, *output.shape]``: ``Σ_k c_k[n] c_k[n]ᵀ = ∇²_{z_n} ℓ_n`` for every ``n``."""
         raise NotImplementedError
 
@@ -66,23 +76,42 @@ class Loss:
 
 
 class CrossEntropy(Loss):
-    """``ℓ_n = -log softmax(z_n)[y_n]`` for ``z`` of shape ``[N, C]``, integer targets ``[N]``."""
+    """``ℓ_n = -log softmax(z_n)[y_n]`` for logits ``z`` of shape ``[..., C]`` (every leading
+    index a term ``n``), integer targets ``[...]``; targets equal to ``ignore_index`` are not
+    counted (as in ``F.cross_entropy``)."""
 
     name = "cross_entropy"
 
+    def __init__(self, reduction: str = "mean", ignore_index: int = -100):
+        super().__init__(reduction)
+        self.ignore_index = ignore_index
+
     def per_example(self, output, target):
-        return F.cross_entropy(output, target, reduction="none")
+        return F.cross_entropy(output, target, reduction="none", ignore_index=self.ignore_index)
 
-    def sample_output_grads(self, output, generator):
+    def num_terms(self, output, mask=None):
+        return int(mask.sum()) if mask is not None else output.numel() // output.shape[-1]
+
+    def sample_output_grads(self, output, generator, mask=None):
         p = torch.softmax(_stat(output), dim=-1)
-        y = torch.multinomial(p, 1, generator=generator).squeeze(1)
-        return (p - F.one_hot(y, p.shape[-1]).to(p.dtype)).to(output.dtype)
+        flat = p.reshape(-1, p.shape[-1])
+        y = torch.multinomial(flat, 1, generator=generator).squeeze(1)
+        v = (flat - F.one_hot(y, p.shape[-1]).to(p.dtype)).reshape(p.shape)
+        return _masked(v, mask).to(output.dtype)
 
-    def hessian_sqrt(self, output):
-        p = torch.softmax(_stat(output), dim=-1)  # [N, C]
+    def hessian_sqrt(self, output, mask=None):
+        p = torch.softmax(_stat(output), dim=-1)  # [..., C]
         eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
         # c_k = sqrt(p_k) (e_k - p): Σ_k p_k (e_k - p)(e_k - p)ᵀ = diag(p) - p pᵀ
-        return (p.T.sqrt()[:, :, None] * (eye[:, None, :] - p[None])).to(output.dtype)
+        cols = p.movedim(-1, 0).sqrt().unsqueeze(-1) * (eye.reshape(-1, *[1] * (p.dim() - 1), p.shape[-1]) - p)
+        return _masked(cols, mask).to(output.dtype)
+
+
+def _masked(v: Tensor, mask: Tensor | None) -> Tensor:
+    """``v`` (``[..., C]``, or ``[K, ..., C]``) with the terms outside ``mask`` zeroed."""
+    if mask is None:
+        return v
+    return v * mask.to(v.dtype).unsqueeze(-1)
 
 
 class _Elementwise(Loss):
@@ -119,13 +148,13 @@ class MSE(_Elementwise):
     def _per_element(self, output, target):
         return (output - target) ** 2
 
-    def sample_output_grads(self, output, generator):
+    def sample_output_grads(self, output, generator, mask=None):
         w = self._element_weight(output)
         noise = torch.randn(output.shape, generator=generator, device=output.device, dtype=_stat(output).dtype)
         # ∇ℓ = 2w (z - y) = -2w σ ε with 2wσ = sqrt(2w): the sign does not matter for g gᵀ.
         return (math.sqrt(2.0 * w) * noise).to(output.dtype)
 
-    def hessian_sqrt(self, output):
+    def hessian_sqrt(self, output, mask=None):
         diag = torch.full_like(_stat(output), 2.0 * self._element_weight(output))
         return self._diag_hessian_sqrt(output, diag)
 
@@ -138,13 +167,13 @@ class BCEWithLogits(_Elementwise):
     def _per_element(self, output, target):
         return F.binary_cross_entropy_with_logits(output, target.to(output.dtype), reduction="none")
 
-    def sample_output_grads(self, output, generator):
+    def sample_output_grads(self, output, generator, mask=None):
         s = torch.sigmoid(_stat(output))
         y = torch.bernoulli(s, generator=generator)
         # ℓ_n is w times a Bernoulli NLL: sqrt(w) ∇NLL has E[v vᵀ] = w diag(s(1-s)) = ∇²ℓ_n.
         return (math.sqrt(self._element_weight(output)) * (s - y)).to(output.dtype)
 
-    def hessian_sqrt(self, output):
+    def hessian_sqrt(self, output, mask=None):
         s = torch.sigmoid(_stat(output))
         return self._diag_hessian_sqrt(output, self._element_weight(output) * s * (1 - s))
 
@@ -170,7 +199,9 @@ def make_loss(loss: str | nn.Module | Loss | None, reduction: str = "mean") -> L
         return _BY_NAME[loss](reduction)
     if isinstance(loss, nn.CrossEntropyLoss):
         unsupported = loss.weight is not None or loss.label_smoothing != 0.0
-        return _from_module(loss, CrossEntropy, unsupported, "weight or label_smoothing")
+        made = _from_module(loss, CrossEntropy, unsupported, "weight or label_smoothing")
+        made.ignore_index = loss.ignore_index
+        return made
     if isinstance(loss, nn.MSELoss):
         return _from_module(loss, MSE, False, "")
     if isinstance(loss, nn.BCEWithLogitsLoss):

@@ -1,23 +1,32 @@
 """K-FAC preconditioner: captures layer statistics with hooks, keeps the Kronecker factors, inverts
 them, and rewrites ``.grad`` with the natural-gradient direction before any optimizer steps.
 
-Factor conventions (for a layer with ``N`` examples of ``T`` rows each, ``T`` = positions for
-``[B, T, d]`` Linear inputs or output pixels for Conv2d, 1 for plain Linear):
+Factor conventions, per block (:mod:`kfac_ext.layers`), for a step with ``N`` examples of ``T``
+positions each (``T`` = positions of ``[B, T, d]`` Linear inputs, output pixels of a convolution,
+1 for a plain Linear; ``kfac_approx`` picks how positions enter, see :mod:`kfac_ext.layers.base`):
 
-* ``A = (1/(N·T)) Σ ā āᵀ`` with ``ā = [a, 1]`` (the 1 last; only when the layer has a bias),
-* ``G = (1/N) Σ_n Σ_t g gᵀ`` with ``g = ∂ℓ_n/∂s`` the gradient of the **per-example** loss term
-  ``ℓ_n`` w.r.t. the layer output, for ``reduction="mean"`` (``L = mean_n ℓ_n``); for
-  ``reduction="sum"``, ``G = Σ_n Σ_t g gᵀ``. Either way ``A ⊗ G`` approximates the curvature of
-  the loss as the user computes it.
+* ``A = (1/rows) Σ ā āᵀ`` over the activation rows, ``ā = [a, 1]`` (the 1 last; only when the
+  block has a trainable bias);
+* ``G = w Σ g gᵀ`` over the output-gradient rows, with ``g = ∂ℓ_n/∂s`` the gradient of the
+  **per-term** loss ``ℓ_n`` w.r.t. the block's output and ``w = 1/M`` for ``reduction="mean"``
+  (``L = (1/M) Σ_n ℓ_n``), ``w = 1`` for ``"sum"``. ``M`` is the number of terms the loss
+  averages: the batch size for ``[N, C]`` outputs, and for cross-entropy on ``[B, T, C]``
+  logits the number of **counted tokens** (labels other than ``ignore_index``, positions the
+  ``loss_mask_fn`` keeps). Either way ``A ⊗ G`` approximates the curvature of the loss as the
+  user computes it.
 
-Both are exponential moving averages over steps, ``F ← ρ F + (1-ρ) F_step`` (the first update
-initialises). ``F_step`` averages the micro-batches of a step: every forward in train mode with
-grad enabled during a factor-update step counts as one. With ``grad_accumulation_steps=k`` the
-micro-batch losses are assumed divided by ``k`` (the usual recipe; it matters for "empirical").
+Both are exponential moving averages over steps, ``F ← ρ F + (1-ρ) F_step`` (a block's first
+update initialises). ``F_step`` averages the micro-batches of a step: every forward in train mode,
+with grad enabled, outside :meth:`KFACPreconditioner.pause`, during a factor-update step counts
+as one. Each micro-batch is reduced to per-block sums when the next one starts (or at
+``step()``), so gradient accumulation holds one micro-batch of activations, not ``k``. With
+``grad_accumulation_steps=k`` the micro-batch losses are assumed divided by ``k`` (the usual
+recipe; it matters for "empirical").
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -29,26 +38,75 @@ from torch import Tensor, nn
 from . import distributed
 from . import ops as native_ops
 from . import reference as reference_ops
-from .capture import KFACLayer, find_layers
-from .losses import Loss, make_loss
+from .layers import KFAC_APPROXIMATIONS, Block, find_blocks
+from .losses import CrossEntropy, Loss, make_loss
 from .ops import Status
 
-__all__ = ["KFACPreconditioner"]
+__all__ = ["KFACPreconditioner", "default_output_fn", "default_loss_mask"]
 
 Schedule = float | int | Callable[[int], float]
 
 FISHER_TYPES = ("mc", "empirical", "type-2")
 INVERSIONS = ("eigen", "cholesky")
 DAMPING_MODES = ("tikhonov", "pi", "eigen")
+DEFAULT_KL_CLIP = 1e-3
+FLUSH_BYTES = 256 * 2**20  # activation rows materialised at once when reducing a micro-batch
 
 
 def _value(schedule: Schedule | None, step: int):
     return schedule(step) if callable(schedule) else schedule
 
 
+def default_output_fn(output: Any) -> Tensor:
+    """The loss input in what a model returned: the tensor itself; ``.logits`` of a Hugging Face
+    ``ModelOutput`` (or a dict's ``"logits"``); else the first tensor of at least one dimension in
+    a tuple/list/dict (a leading 0-d loss, as Hugging Face returns with ``return_dict=False``,
+    is skipped)."""
+    if isinstance(output, Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else ()
+    for value in values:
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return value
+    raise TypeError(
+        f"KFACPreconditioner: cannot find the logits in the model's output ({type(output).__name__}); "
+        "pass output_fn=lambda output: <the loss input>"
+    )
+
+
+_CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def default_loss_mask(model: nn.Module, args: tuple, kwargs: dict, logits: Tensor, loss: Loss) -> Tensor | None:
+    """Which cross-entropy terms (positions of ``logits[..., C]``) the loss counts, from the
+    forward's keyword arguments, as Hugging Face models compute their loss:
+
+    * ``labels=``: the positions whose label is not ``loss.ignore_index``; for causal language
+      models (class name ending in ``ForCausalLM`` / ``LMHeadModel``) shifted by one, since
+      position ``t`` predicts label ``t + 1`` (the last position predicts nothing);
+    * else ``attention_mask=`` of the logits' leading shape: the attended positions;
+    * else None: every position counts.
+    """
+    lead = logits.shape[:-1]
+    labels = kwargs.get("labels")
+    if isinstance(labels, Tensor) and labels.shape == lead:
+        counted = labels != loss.ignore_index
+        if type(model).__name__.endswith(_CAUSAL_LM_SUFFIXES) and counted.dim() >= 2:
+            counted = torch.cat([counted[..., 1:], torch.zeros_like(counted[..., :1])], dim=-1)
+        return counted
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.shape == lead:
+        return mask != 0
+    return None
+
+
+
 class KFACPreconditioner:
-    """Rewrites the gradients of every supported layer of ``model`` in place with the K-FAC
-    natural-gradient direction ``(G ⊗ A + damping)⁻¹ ∇W̄``.
+    """Rewrites the gradients of every K-FAC block of ``model`` in place with the natural-gradient
+    direction ``(G ⊗ A + damping)⁻¹ ∇W̄``.
 
     Usage (two added lines)::
 
@@ -60,9 +118,12 @@ class KFACPreconditioner:
             precond.step()          # rewrites .grad
             optimizer.step()
 
+    With a ``torch.amp.GradScaler``: ``scaler.scale(loss).backward()``, ``scaler.unscale_(opt)``,
+    ``precond.step()``, ``scaler.step(opt)``, ``scaler.update()`` — unscale first, so the KL clip
+    sees true gradients; on an overflow the gradients are left non-finite for the scaler to skip.
+
     Args:
-        model: the model. Its forward output must be a tensor (the loss input) when
-            ``fisher_type`` is ``"mc"`` or ``"type-2"``.
+        model: the model (a Hugging Face model, a ``DistributedDataParallel`` wrapper, ...).
         loss: ``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"``, the matching ``torch.nn``
             module, or a :class:`kfac_ext.losses.Loss`; may be None only with ``"empirical"``.
         reduction: ``"mean"`` or ``"sum"`` (taken from the module when ``loss`` is one).
@@ -70,23 +131,34 @@ class KFACPreconditioner:
             passes run for you right after the forward), ``"type-2"`` (the exact expectation over
             targets through the loss Hessian's square root: one extra backward per column, i.e.
             per class / output), or ``"empirical"`` (the real labels' gradients from your backward).
+        kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing blocks (see
+            :mod:`kfac_ext.layers.base`).
+        output_fn: picks the loss input (logits) out of the model's output; default
+            :func:`default_output_fn` (a tensor, ``.logits``, or the first non-scalar tensor).
+        loss_mask_fn: ``(model, args, kwargs, logits, loss) -> bool [...] | None``: which
+            cross-entropy terms count; default :func:`default_loss_mask` (``labels`` /
+            ``attention_mask`` keyword arguments, as Hugging Face models take them).
         inversion: ``"eigen"`` or ``"cholesky"``.
         damping_mode: ``"tikhonov"`` (``A + √γ I``, ``G + √γ I``), ``"pi"`` (π-corrected factored
             damping, Martens & Grosse 2015 §6.3) or ``"eigen"`` (exact ``λ_G λ_Aᵀ + γ``; eigen only).
         damping, factor_decay, factor_update_steps, inv_update_steps, lr, kl_clip: a number or a
-            callable of the step. ``kl_clip`` (None = off) rescales the update so that
-            ``lr² Σ ⟨v, g⟩ <= kl_clip``; it needs ``lr``.
+            callable of the step. ``kl_clip`` rescales the update so that ``lr² Σ ⟨v, g⟩ <=
+            kl_clip``; ``"auto"`` (default) is 1e-3 when ``lr`` is known, else off; None is off.
         grad_accumulation_steps: micro-batches (forward + backward) per ``step()``.
         factor_dtype, inv_dtype: float32 or float64 (activations may be bf16/fp16).
-        grad_scaler: the ``torch.amp.GradScaler`` scaling your backward, so that ``"empirical"``
-            factors are unscaled.
-        skip_layers: module names or types to leave to the base optimizer.
+        grad_scaler: the ``torch.amp.GradScaler`` scaling your backward: ``"empirical"`` factors
+            are unscaled, overflowing steps are left to it, and a step it skipped (a micro-batch
+            beyond ``grad_accumulation_steps`` arrives before ``step()``) drops its statistics.
+        skip_layers: module types, or regular expressions matched against whole module names,
+            to leave to the base optimizer.
+        max_factor_dim: blocks with a dense factor side larger than this (a vocabulary-sized
+            output layer) are left to the base optimizer.
         backend: ``"native"`` (the C++/CUDA ops) or ``"reference"`` (pure PyTorch); same updates.
         seed: seeds the generator for Monte Carlo targets (saved in ``state_dict``); rank ``r`` of
             a process group uses ``seed + r``.
         grad_worker_fraction: with more than one rank (see :mod:`kfac_ext.distributed`): ``1.0``
-            broadcasts every inverse and every rank preconditions every layer; below 1, each
-            layer's owner preconditions it and broadcasts the result at every step.
+            broadcasts every inverse and every rank preconditions every block; below 1, each
+            block's owner preconditions it and broadcasts the result at every step.
         process_group: the ranks to work with; default: the world when ``torch.distributed`` is
             initialised. With more than one rank, factors are averaged and inversions spread
             over the ranks; ``model`` may be wrapped in ``DistributedDataParallel``.
@@ -100,6 +172,9 @@ class KFACPreconditioner:
         reduction: str = "mean",
         fisher_type: str = "mc",
         mc_samples: int = 1,
+        kfac_approx: str = "expand",
+        output_fn: Callable[[Any], Tensor] = default_output_fn,
+        loss_mask_fn: Callable[..., Tensor | None] | None = default_loss_mask,
         inversion: str = "eigen",
         damping_mode: str = "tikhonov",
         damping: Schedule = 1e-3,
@@ -107,18 +182,20 @@ class KFACPreconditioner:
         factor_update_steps: Schedule = 1,
         inv_update_steps: Schedule = 10,
         lr: Schedule | None = None,
-        kl_clip: Schedule | None = None,
+        kl_clip: Schedule | str | None = "auto",
         grad_accumulation_steps: int = 1,
         factor_dtype: torch.dtype = torch.float32,
         inv_dtype: torch.dtype = torch.float32,
         grad_scaler: torch.amp.GradScaler | None = None,
         skip_layers: tuple[str | type, ...] = (),
+        max_factor_dim: int = 8192,
         backend: str = "native",
         seed: int = 0,
         grad_worker_fraction: float = 1.0,
         process_group: Any = None,
     ):
         _check_choice("fisher_type", fisher_type, FISHER_TYPES)
+        _check_choice("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
         _check_choice("inversion", inversion, INVERSIONS)
         _check_choice("damping_mode", damping_mode, DAMPING_MODES)
         _check_choice("backend", backend, ("native", "reference"))
@@ -138,11 +215,14 @@ class KFACPreconditioner:
             )
         self.reduction = self.loss.reduction if self.loss is not None else reduction
         _check_choice("reduction", self.reduction, ("mean", "sum"))
+        if kl_clip == "auto":
+            kl_clip = DEFAULT_KL_CLIP if lr is not None else None
         if kl_clip is not None and lr is None:
             raise ValueError("kl_clip needs lr (a number or a callable of the step)")
 
         self.model = model = distributed.unwrap_model(model)  # DDP: hooks and names on the inner module
-        self.fisher_type, self.mc_samples = fisher_type, mc_samples
+        self.fisher_type, self.mc_samples, self.kfac_approx = fisher_type, mc_samples, kfac_approx
+        self.output_fn, self.loss_mask_fn = output_fn, loss_mask_fn
         self.inversion, self.damping_mode = inversion, damping_mode
         self.damping, self.factor_decay = damping, factor_decay
         self.factor_update_steps, self.inv_update_steps = factor_update_steps, inv_update_steps
@@ -153,249 +233,372 @@ class KFACPreconditioner:
         self.ops = native_ops if backend == "native" else reference_ops
         self.backend = backend
 
-        self.layers, self.unregistered = find_layers(model, tuple(skip_layers))
-        if not self.layers:
-            raise ValueError("model has no layer K-FAC supports (nn.Linear, nn.Conv2d)")
-        self._by_module = {layer.module: layer for layer in self.layers}
-        self._registered_names = {layer.name for layer in self.layers}
+        registration = find_blocks(model, tuple(skip_layers), kfac_approx, max_factor_dim)
+        self.blocks: list[Block] = registration.blocks
+        self.unregistered: list[tuple[str, str]] = registration.others
+        if not self.blocks:
+            raise ValueError(
+                "model has no layer K-FAC preconditions (Linear, Conv1d/2d, Hugging Face Conv1D, "
+                "MultiheadAttention, Embedding); left to the base optimizer: "
+                + "; ".join(f"{n or '<model>'}: {r}" for n, r in self.unregistered)
+            )
+        self._module_count = sum(1 for _ in model.modules())
         self._dist = distributed.setup(self, process_group=process_group,
                                        grad_worker_fraction=grad_worker_fraction, seed=seed)
         rank = self._dist.rank if self._dist is not None else 0
-        self.generator = torch.Generator(device=self.layers[0].module.weight.device).manual_seed(seed + rank)
+        self.generator = torch.Generator(device=self.blocks[0].device).manual_seed(seed + rank)
 
         self.steps = 0
-        self.last_raw_gradients: list[Tensor] = []  # ∇W̄ per layer before the last step() rewrote it
+        self.last_raw_gradients: list[Tensor | None] = []  # ∇W̄ per block before the last step() rewrote it
         self.stats = dict(
             factor_updates=0, inverse_updates=0, skipped_factor_updates=0, nonfinite_grad_steps=0,
-            failed_inversions=0, fp64_retries=0, kl_clip_scale=1.0,
+            failed_inversions=0, fp64_retries=0, kl_clip_scale=1.0, discarded_micro_batches=0,
         )
-        self._a: dict[str, Tensor] = {}  # factors by layer name
+        self._a: dict[str, Tensor] = {}  # factors by block name (A of an embedding: its diagonal)
         self._g: dict[str, Tensor] = {}
-        self._inv: dict[str, tuple] = {}  # per layer: (A side, G side) inverse or (λ, Q)
+        self._inv: dict[str, tuple] = {}  # per block: (A side, G side) inverse or (λ, Q)
         self._warned: set[str] = set()
-        self._pending_step = -1
-        self._pending_a: dict[str, list[Tensor]] = {}
-        self._pending_g: dict[str, list[tuple[Tensor, float]]] = {}
-        self._forwards = 0  # captured forwards (micro-batches) of the pending step
-        self._nonfinite_capture = False  # a captured output was not finite: skip this update
-        self._g_weight: float | None = None  # set while a capturing backward runs
-        # Layer hooks first: when the model is itself a layer, its tensor hook must exist before
+        self._paused = 0
+        self._g_weight: float | None = None  # set while a sampling backward runs
+        self._terms = 1  # M of the last captured forward (the empirical weight needs it)
+        self._params = list({id(p): p for b in self.blocks for p in [b.weight]}.values())
+        self._clear_pending()
+        # Block hooks first: when the model is itself a layer, its output hook must exist before
         # the model hook runs the sampled backward (hooks run in registration order).
-        self._handles = [layer.module.register_forward_hook(self._layer_hook) for layer in self.layers]
+        self._handles = []
+        for kind, module, blocks in registration.installs:
+            self._handles += kind.install(module, blocks, self._record)
         self._handles += [model.register_forward_pre_hook(self._model_pre_hook, prepend=True)]
-        self._handles += [model.register_forward_hook(self._model_hook)]
+        self._handles += [model.register_forward_hook(self._model_hook, with_kwargs=True)]
 
     # ---- capture ---------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def pause(self):
+        """Forwards inside ``with precond.pause():`` are not captured (an evaluation or logging
+        forward in train mode, a second loss on the same model)."""
+        self._paused += 1
+        try:
+            yield self
+        finally:
+            self._paused -= 1
+
     def _capturing(self) -> bool:
-        return self.model.training and torch.is_grad_enabled() and self._is_factor_step()
+        return (not self._paused and self.model.training and torch.is_grad_enabled()
+                and self._is_factor_step())
 
     def _is_factor_step(self) -> bool:
         return self.steps % max(1, int(_value(self.factor_update_steps, self.steps))) == 0
 
     def _model_pre_hook(self, module, inputs):
-        if self._pending_step != self.steps:  # left over from a step that never ran (e.g. skipped by a GradScaler)
-            self._clear_pending()
-            self._pending_step = self.steps
-
-    def _layer_hook(self, module, inputs, output):
         if not self._capturing():
             return
-        layer = self._by_module[module]
-        self._pending_a.setdefault(layer.name, []).append(inputs[0].detach())
+        if self._pending_step != self.steps:  # left over from a step that never ran
+            self._clear_pending()
+        elif self.grad_scaler is not None and self._forwards >= self.grad_accumulation_steps:
+            # A full step's micro-batches and no step(): the scaler skipped it (an overflow).
+            self.stats["discarded_micro_batches"] += self._forwards
+            self._clear_pending()
+        self._flush()
+
+    def _record(self, pairs: list[tuple[Block, slice | None]], x: Tensor, output: Tensor, layout=None) -> None:
+        """Capture callback of the layer kinds: ``x`` went into ``pairs``' blocks, ``output`` came out."""
+        if not self._capturing():
+            return
+        x = (layout(x) if layout is not None else x).detach()
+        for block, _ in pairs:
+            self._pending_a.setdefault(block.name, []).append(x)
         if output.requires_grad:
             # A tensor hook registered now sees the gradient w.r.t. this value even if an
             # in-place activation modifies the output afterwards.
-            output.register_hook(lambda grad, layer=layer: self._grad_hook(layer, grad))
+            output.register_hook(lambda grad: self._grad_hook(pairs, grad, layout))
 
-    def _grad_hook(self, layer: KFACLayer, grad: Tensor) -> None:
+    def _grad_hook(self, pairs, grad: Tensor, layout) -> None:
         weight = self._g_weight
         if weight is None and self.fisher_type == "empirical":
-            weight = self._empirical_weight(grad)
-        if weight is not None:
-            self._pending_g.setdefault(layer.name, []).append((layer.output_grads(grad.detach()), weight))
+            weight = self._empirical_weight()
+        if weight is None:
+            return
+        grad = (layout(grad) if layout is not None else grad).detach()
+        for block, cols in pairs:
+            rows = block.output_grad_rows(grad[..., cols] if cols is not None else grad)
+            self._pending_g.setdefault(block.name, []).append((rows, weight))
 
-    def _empirical_weight(self, grad: Tensor) -> float:
-        # Hooks see h = ∂L/∂s of the loss the backward ran on; per-example g = k·s·h (s = N for
+    def _empirical_weight(self) -> float:
+        # Hooks see h = ∂L/∂s of the loss the backward ran on; per-term g = k·s·h (s = M for
         # "mean", undoing the mean; k = accumulation steps, undoing the 1/k of each micro-batch);
-        # this micro-batch's G is w Σ g gᵀ, w = 1/N ("mean") or 1.
-        k, n = self.grad_accumulation_steps, self._batch_size
-        s = float(n) if self.reduction == "mean" else 1.0
-        w = 1.0 / n if self.reduction == "mean" else 1.0
+        # this micro-batch's G is w Σ g gᵀ, w = 1/M ("mean") or 1.
+        k, m = self.grad_accumulation_steps, self._terms
+        s = float(m) if self.reduction == "mean" else 1.0
+        w = 1.0 / m if self.reduction == "mean" else 1.0
         weight = w * (k * s) ** 2
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             weight /= float(self.grad_scaler.get_scale()) ** 2
         return weight
 
-    def _model_hook(self, module, inputs, output):
+    def _model_hook(self, module, args, kwargs, output):
         if not self._capturing():
             return
         self._forwards += 1
-        if self.fisher_type == "empirical":
-            self._batch_size = _leading_dim(output)  # N of the loss's mean
+        if self.loss is None:  # "empirical" without a loss: one term per example
+            self._terms = _leading_dim(self.output_fn(output))
             return
-        if not isinstance(output, Tensor):
-            raise TypeError(
-                f"KFACPreconditioner: the model returned {type(output).__name__}; fisher_type="
-                f"{self.fisher_type!r} samples targets from the output and needs the loss input as "
-                "one tensor (wrap the model, or use fisher_type='empirical')"
-            )
-        if not output.requires_grad:
+        logits = self.output_fn(output)
+        mask = None
+        if isinstance(self.loss, CrossEntropy) and self.loss_mask_fn is not None:
+            mask = self.loss_mask_fn(self.model, args, kwargs, logits, self.loss)
+        self._terms = max(1, self.loss.num_terms(logits, mask))
+        if self.fisher_type == "empirical" or not logits.requires_grad:
             return
-        if not bool(torch.isfinite(output).all()):
+        if not bool(torch.isfinite(logits).all()):
             self._nonfinite_capture = True  # no targets can be drawn: the factor update is skipped
             return
-        w = 1.0 / output.shape[0] if self.reduction == "mean" else 1.0
+        w = 1.0 / self._terms if self.reduction == "mean" else 1.0
         if self.fisher_type == "mc":
-            directions = [self.loss.sample_output_grads(output, self.generator) for _ in range(self.mc_samples)]
+            directions = [self.loss.sample_output_grads(logits, self.generator, mask) for _ in range(self.mc_samples)]
             weight = w / self.mc_samples
         else:
-            directions = list(self.loss.hessian_sqrt(output))
+            directions = list(self.loss.hessian_sqrt(logits, mask))
             weight = w
-        params = [layer.module.weight for layer in self.layers]
         self._g_weight = weight
         try:
             for v in directions:
-                # Backward of the surrogate Σ_n v_nᵀ z_n: the layer hooks see per-example g = J_nᵀ v_n.
-                torch.autograd.grad(output, params, grad_outputs=v, retain_graph=True, allow_unused=True)
+                # Backward of the surrogate Σ_n v_nᵀ z_n: the block hooks see per-term g = J_nᵀ v_n.
+                torch.autograd.grad(logits, self._params, grad_outputs=v, retain_graph=True, allow_unused=True)
         finally:
             self._g_weight = None
+
+    def _flush(self) -> None:
+        """Reduces the pending micro-batch to per-block sums: ``Σ ā āᵀ`` (and its row count)
+        and ``Σ w g gᵀ``, so that its activations and gradients can be freed."""
+        if self.fisher_type == "empirical" and self._pending_a and not self._pending_g:
+            self._pending_a = {}  # a forward no backward followed (e.g. for logging): no statistics
+            self._forwards = max(0, self._forwards - 1)
+            return
+        by_name = {b.name: b for b in self.blocks}
+        a_items, g_items = [], []
+        shared: dict[tuple, Tensor] = {}  # same input, same rows (q, k, v of self-attention)
+        for name, xs in self._pending_a.items():
+            block = by_name[name]
+            key = (tuple(id(x) for x in xs), type(block).activation_rows, block.approx, block.has_bias, block.a_dim)
+            a_items.append((block, key, xs))
+        for name, chunks in self._pending_g.items():
+            g_items.append((by_name[name], chunks))
+        self._pending_a, self._pending_g = {}, {}
+        self._reduce_activations(a_items, shared)
+        self._reduce_gradients(g_items)
+
+    def _reduce_activations(self, items, shared) -> None:
+        dense = []
+        for block, key, xs in items:
+            rows = _cat([block.activation_rows(x) for x in xs])
+            if rows.shape[0] == 0:  # e.g. an expert no token was routed to
+                continue
+            self._a_rows[block.name] = self._a_rows.get(block.name, 0) + rows.shape[0]
+            if block.a_diagonal:
+                counts = torch.bincount(rows, minlength=block.a_dim).to(self.factor_dtype)
+                _accumulate(self._a_sum, block.name, counts)
+            elif key in shared:
+                _accumulate(self._a_sum, block.name, shared[key])
+            else:
+                shared[key] = None
+                dense.append((block, key, rows))
+        for batch in _by_budget(dense, lambda item: item[2]):
+            sums = [torch.empty(b.a_dim, b.a_dim, dtype=self.factor_dtype, device=r.device) for b, _, r in batch]
+            self._factor_update(sums, [r for _, _, r in batch], [1.0] * len(batch), [b.has_bias for b, _, _ in batch])
+            for (block, key, _), total in zip(batch, sums):
+                shared[key] = total
+                _accumulate(self._a_sum, block.name, total)
+
+    def _reduce_gradients(self, items) -> None:
+        work = [(block, _weighted_cat(chunks)) for block, chunks in items]
+        work = [(block, (g, w)) for block, (g, w) in work if g.shape[0] > 0]
+        for batch in _by_budget(work, lambda item: item[1][0]):
+            sums = [torch.empty(b.g_dim, b.g_dim, dtype=self.factor_dtype, device=g.device) for b, (g, _) in batch]
+            self._factor_update(sums, [g for _, (g, _) in batch], [w for _, (_, w) in batch], [False] * len(batch))
+            for (block, _), total in zip(batch, sums):
+                _accumulate(self._g_sum, block.name, total)
+                self._g_count[block.name] = self._g_count.get(block.name, 0) + 1
+
+    def _factor_update(self, factors, xs, scales, append_ones) -> None:
+        """``factors[i] = scales[i] · x̄ᵀx̄``, one native call per activation dtype."""
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, x in enumerate(xs):
+            by_dtype.setdefault(x.dtype, []).append(i)
+        for idx in by_dtype.values():
+            self.ops.factor_update_([factors[i] for i in idx], [xs[i] for i in idx], decay=0.0,
+                                    scales=[scales[i] for i in idx], append_ones=[append_ones[i] for i in idx])
 
     # ---- step ------------------------------------------------------------------------------
 
     def step(self) -> bool:
-        """Updates factors / inverses when due and rewrites ``.grad`` of every registered layer.
+        """Updates factors / inverses when due and rewrites ``.grad`` of every block that has
+        inverses and a gradient (a block that did not run this step keeps ``.grad`` None).
 
-        Returns False when the gradients were non-finite: then the registered layers' gradients
-        are zeroed (never NaN into parameters) and the step is counted in ``stats``.
+        Returns False when the gradients were non-finite: then the blocks' gradients are zeroed
+        (never NaN into parameters) — or, with a ``grad_scaler``, left for the scaler to see —
+        the step's statistics are dropped, and the step is counted in ``stats``.
         """
         self._check_model_unchanged()
-        grads = self._gradients()
+        grads = [b.grad_matrix() for b in self.blocks]
         self.last_raw_gradients = grads
+        present = [g for g in grads if g is not None]
+        if not present:
+            raise RuntimeError("KFACPreconditioner.step(): no block has a gradient; call loss.backward() before step()")
+        finite = torch.stack([torch.isfinite(g).all() for g in present]).all()
+        if self._dist is not None:  # all ranks skip together
+            finite = self._dist.all_finite(finite)
+        if not bool(finite):
+            return self._nonfinite_step(grads)
         if self._is_factor_step():
+            self._flush()
             self._update_factors()
         self._clear_pending()
-        # (inverses missing for some layers: a checkpoint saved with grad_worker_fraction < 1)
         if self._a and (self._inv.keys() != self._a.keys() or self.steps % max(1, int(_value(self.inv_update_steps, self.steps))) == 0):
             self._update_inverses()
-        ok = self._precondition(grads)
+        self._precondition(grads)
+        self._finish_step()
+        return True
+
+    def _nonfinite_step(self, grads) -> bool:
+        self.stats["nonfinite_grad_steps"] += 1  # every rank got the same flag: all skip alike
+        if self._is_factor_step():
+            self.stats["skipped_factor_updates"] += 1
+        scaled = self.grad_scaler is not None and self.grad_scaler.is_enabled()
+        if not scaled:
+            for block, g in zip(self.blocks, grads):
+                if g is not None:
+                    block.set_grad(torch.zeros_like(g))
+        self._finish_step()
+        return False
+
+    def _finish_step(self) -> None:
+        self._clear_pending()
         self.steps += 1
         self._pending_step = self.steps
-        return ok
 
     def _check_model_unchanged(self) -> None:
-        layers, _ = find_layers(self.model)
-        for layer in layers:
-            if layer.module not in self._by_module and layer.name not in dict(self.unregistered):
+        count = sum(1 for _ in self.model.modules())
+        if count == self._module_count:
+            return
+        known = {b.name for b in self.blocks} | {name for name, _ in self.unregistered}
+        for block in find_blocks(self.model).blocks:
+            if block.name not in known:
                 raise RuntimeError(
-                    f"KFACPreconditioner: layer {layer.name!r} was added to the model after the "
+                    f"KFACPreconditioner: layer {block.name!r} was added to the model after the "
                     "preconditioner was built; build a new preconditioner"
                 )
-
-    def _gradients(self) -> list[Tensor]:
-        grads = []
-        for layer in self.layers:
-            g = layer.grad_matrix()
-            if g is None:
-                if self._pending_a and layer.name not in self._pending_a:
-                    raise self._unused_layer_error(layer)
-                raise RuntimeError(
-                    f"KFACPreconditioner.step(): layer {layer.name!r} has no gradient; call "
-                    "loss.backward() before step()"
-                )
-            grads.append(g)
-        return grads
-
-    @staticmethod
-    def _unused_layer_error(layer: KFACLayer) -> RuntimeError:
-        return RuntimeError(
-            f"KFACPreconditioner: layer {layer.name!r} did not run in this step's forward "
-            "(its hooks never fired); pass it in skip_layers if it is unused"
-        )
+        self._module_count = count
 
     def _update_factors(self) -> None:
-        if self._nonfinite_capture:
-            if self._dist is not None:  # the other ranks wait for this rank's vote
-                self._dist.all_finite(False)
-            self.stats["skipped_factor_updates"] += 1
+        have = [b for b in self.blocks if b.name in self._a_sum and b.name in self._g_sum]
+        if self._nonfinite_capture or (self._dist is not None and len(have) != len(self.blocks)):
+            self._skip_factor_update()
             return
-        for layer in self.layers:
-            if layer.name not in self._pending_a:
-                raise self._unused_layer_error(layer)
-            if layer.name not in self._pending_g:
-                raise RuntimeError(
-                    f"KFACPreconditioner: no output gradient reached layer {layer.name!r} in this "
-                    "step; call loss.backward() (after a forward in train mode) before step()"
-                )
-        xa = [_cat([layer.activations(x) for x in self._pending_a[layer.name]]) for layer in self.layers]
-        xg = [_weighted_cat(self._pending_g[layer.name]) for layer in self.layers]
-        finite = torch.stack([torch.isfinite(t).all() for t in xa + [g for g, _ in xg]]).all()
+        if not have:
+            self._no_statistics()
+            return
+        a_steps = [self._a_sum[b.name] / self._a_rows[b.name] for b in have]
+        g_steps = [self._g_sum[b.name] / self._forwards for b in have]
+        finite = torch.stack([torch.isfinite(t).all() for t in a_steps + g_steps]).all()
         if self._dist is not None:  # all ranks skip together
             finite = self._dist.all_finite(finite)
         if not bool(finite):
             self.stats["skipped_factor_updates"] += 1
             return
-        first = not self._a
-        if first:
-            for layer, a, (g, _) in zip(self.layers, xa, xg):
-                dev = a.device
-                self._a[layer.name] = torch.zeros(layer.a_dim, layer.a_dim, dtype=self.factor_dtype, device=dev)
-                self._g[layer.name] = torch.zeros(layer.g_dim, layer.g_dim, dtype=self.factor_dtype, device=dev)
-        rho = 0.0 if first else float(_value(self.factor_decay, self.steps))
-        self._factor_update([self._a[l.name] for l in self.layers], xa, rho,
-                            [(1 - rho) / a.shape[0] for a in xa], [l.has_bias for l in self.layers])
-        # F_step averages the micro-batches: A through its rows, G through the forward count.
-        self._factor_update([self._g[l.name] for l in self.layers], [g for g, _ in xg], rho,
-                            [(1 - rho) * w / self._forwards for _, w in xg], False)
+        rho = float(_value(self.factor_decay, self.steps))
+        for block, a, g in zip(have, a_steps, g_steps):
+            for store, new in ((self._a, a), (self._g, g)):
+                if block.name in store:
+                    store[block.name].mul_(rho).add_(new, alpha=1 - rho)
+                else:
+                    store[block.name] = new
         if self._dist is not None:  # mean over the ranks
-            self._dist.average_factors([self._a[l.name] for l in self.layers] + [self._g[l.name] for l in self.layers])
+            self._dist.average_factors([self._a[b.name] for b in have] + [self._g[b.name] for b in have])
         self.stats["factor_updates"] += 1
 
-    def _factor_update(self, factors, xs, decay, scales, append_ones) -> None:
-        # One call per dtype (bf16 activations and fp32 ones may mix across layers).
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for i, x in enumerate(xs):
-            by_dtype.setdefault(x.dtype, []).append(i)
-        ones = append_ones if isinstance(append_ones, list) else [append_ones] * len(xs)
-        for idx in by_dtype.values():
-            self.ops.factor_update_([factors[i] for i in idx], [xs[i] for i in idx], decay=decay,
-                                    scales=[scales[i] for i in idx], append_ones=[ones[i] for i in idx])
+    def _skip_factor_update(self) -> None:
+        if self._dist is not None and not self._nonfinite_capture:
+            missing = [b.name for b in self.blocks if b.name not in self._a_sum or b.name not in self._g_sum]
+            raise RuntimeError(
+                f"KFACPreconditioner: blocks {missing} captured no statistics in this step; with "
+                "more than one rank every block must run in every factor-update step (pass the "
+                "others in skip_layers)"
+            )
+        if self._dist is not None:  # the other ranks wait for this rank's vote
+            self._dist.all_finite(False)
+        self.stats["skipped_factor_updates"] += 1
+
+    def _no_statistics(self) -> None:
+        """A factor-update step that captured nothing: fine once factors exist (they stay as they
+        are); before that K-FAC has no curvature at all, which is an error worth explaining."""
+        self.stats["skipped_factor_updates"] += 1
+        why = ("the model is in eval mode" if not self.model.training else
+               "its forwards ran under torch.no_grad() or precond.pause(), or no backward followed them")
+        if self._a:
+            if "no statistics" not in self._warned:
+                self._warned.add("no statistics")
+                warnings.warn(f"KFACPreconditioner.step(): no layer statistics were captured in step "
+                              f"{self.steps} ({why}); the factors stay as they are (warned once)",
+                              RuntimeWarning, stacklevel=3)
+            return
+        raise RuntimeError(
+            "KFACPreconditioner.step(): no layer statistics were captured in this factor-update step "
+            f"and no factors exist yet: {why}. Run the training forward with model.train() and "
+            "gradients enabled, then loss.backward(), before step()"
+        )
 
     # ---- inversion -------------------------------------------------------------------------
 
-    def _factor_damping(self) -> tuple[list[float], list[float]]:
-        """Per-layer damping added to A and to G (zero for exact eigen damping)."""
+    def _factor_damping(self, blocks: list[Block]) -> tuple[list[float], list[float]]:
+        """Per-block damping added to A and to G (zero for exact eigen damping)."""
         gamma = float(_value(self.damping, self.steps))
         if gamma <= 0 or not math.isfinite(gamma):
             raise ValueError(f"KFACPreconditioner: damping must be finite and > 0, got {gamma}")
-        n = len(self.layers)
+        n = len(blocks)
         if self.damping_mode == "eigen":
             return [0.0] * n, [0.0] * n
         root = math.sqrt(gamma)
         if self.damping_mode == "tikhonov":
             return [root] * n, [root] * n
-        traces = torch.stack([torch.stack([self._a[l.name].trace() / l.a_dim, self._g[l.name].trace() / l.g_dim])
-                              for l in self.layers]).tolist()
+        traces = torch.stack([torch.stack([_trace(self._a[b.name]) / b.a_dim, self._g[b.name].trace() / b.g_dim])
+                              for b in blocks]).tolist()
         pis = [math.sqrt(ta / tg) if ta > 0 and tg > 0 and math.isfinite(ta / tg) else 1.0 for ta, tg in traces]
         return [pi * root for pi in pis], [root / pi for pi in pis]
 
     def _update_inverses(self) -> None:
-        factors = [self._a[l.name].to(self.inv_dtype) for l in self.layers]
-        factors += [self._g[l.name].to(self.inv_dtype) for l in self.layers]
-        a_damp, g_damp = self._factor_damping()
-        n = len(self.layers)
+        blocks = [b for b in self.blocks if b.name in self._a]
+        factors = [self._a[b.name].to(self.inv_dtype) for b in blocks]
+        factors += [self._g[b.name].to(self.inv_dtype) for b in blocks]
+        a_damp, g_damp = self._factor_damping(blocks)
+        n = len(blocks)
         if self._dist is not None:  # each factor inverted by its owner; status (and results) shared
             results, status = self._dist.invert(factors, a_damp + g_damp)
         else:
             results, status = self._invert(factors, a_damp + g_damp)
-        for i, layer in enumerate(self.layers):
-            a_new = self._accept(layer, "A", status[i], results[i], self._inv.get(layer.name, (None, None))[0], layer.a_dim)
-            g_new = self._accept(layer, "G", status[n + i], results[n + i], self._inv.get(layer.name, (None, None))[1], layer.g_dim)
-            self._inv[layer.name] = (a_new, g_new)
+        for i, block in enumerate(blocks):
+            previous = self._inv.get(block.name, (None, None))
+            a_new = self._accept(block, "A", status[i], results[i], previous[0], self._a[block.name])
+            g_new = self._accept(block, "G", status[n + i], results[n + i], previous[1], self._g[block.name])
+            self._inv[block.name] = (a_new, g_new)
         self.stats["inverse_updates"] += 1
 
     def _invert(self, factors: list[Tensor], damping: list[float]) -> tuple[list[tuple], list[int]]:
-        """Per factor ``(inverse,)`` (cholesky) or ``(λ + damping, Q)`` (eigen), and its status."""
+        """Per factor ``(inverse,)`` (cholesky) or ``(λ + damping, Q)`` (eigen), and its status;
+        a diagonal factor (a vector) gives ``(1 / (a + damping),)`` or ``(a + damping, None)``."""
+        dense = [i for i, f in enumerate(factors) if f.dim() == 2]
+        results: list[tuple] = [()] * len(factors)
+        status = [int(Status.OK)] * len(factors)
+        if dense:
+            got, codes = self._invert_dense([factors[i] for i in dense], [damping[i] for i in dense])
+            for i, r, c in zip(dense, got, codes):
+                results[i], status[i] = r, c
+        for i, f in enumerate(factors):
+            if f.dim() == 1:
+                results[i], status[i] = _invert_diagonal(f, damping[i], self.inversion)
+        return results, status
+
+    def _invert_dense(self, factors: list[Tensor], damping: list[float]) -> tuple[list[tuple], list[int]]:
         if self.inversion == "cholesky":
             inverses, status = self.ops.damped_inverse(factors, damping)
             results = [(inv,) for inv in inverses]
@@ -404,58 +607,63 @@ class KFACPreconditioner:
             results = [(lam + d, q) for lam, q, d in zip(values, vectors, damping)]
         return results, status.tolist()
 
-    def _accept(self, layer: KFACLayer, side: str, status: int, result: tuple, previous, dim: int):
+    def _accept(self, block: Block, side: str, status: int, result: tuple, previous, factor: Tensor):
         if status == Status.OK_AFTER_FP64_RETRY:
             self.stats["fp64_retries"] += 1
         if status in (Status.OK, Status.OK_AFTER_FP64_RETRY):
             return result
         self.stats["failed_inversions"] += 1
-        key = f"{layer.name}.{side}"
+        key = f"{block.name}.{side}"
         if key not in self._warned:
             self._warned.add(key)
             fallback = "the previous inverse" if previous is not None else "the identity"
             warnings.warn(
-                f"KFACPreconditioner: inverting factor {side} of layer {layer.name!r} failed "
+                f"KFACPreconditioner: inverting factor {side} of block {block.name!r} failed "
                 f"({Status(status).name}) even in float64; using {fallback} (warned once per factor)",
                 RuntimeWarning,
                 stacklevel=3,
             )
         if previous is not None:
             return previous
-        eye = torch.eye(dim, dtype=self.inv_dtype, device=layer.module.weight.device)
-        return (eye,) if self.inversion == "cholesky" else (torch.ones(dim, dtype=self.inv_dtype, device=eye.device), eye)
+        return _identity_inverse(factor.shape[0], factor.dim() == 1, self.inversion, self.inv_dtype, factor.device)
 
     # ---- preconditioning -------------------------------------------------------------------
 
-    def _precondition(self, grads: list[Tensor]) -> bool:
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
-        if self._dist is not None:  # all ranks skip together
-            finite = self._dist.all_finite(finite)
-        if not bool(finite):
-            self.stats["nonfinite_grad_steps"] += 1
-            for layer, g in zip(self.layers, grads):
-                layer.set_grad(torch.zeros_like(g))
-            return False
-        if not self._inv:
-            return True  # no factors yet (e.g. the first step's factor update was skipped)
+    def _precondition(self, grads: list[Tensor | None]) -> None:
+        ready = [i for i, (b, g) in enumerate(zip(self.blocks, grads)) if g is not None and b.name in self._inv]
+        if not ready:
+            return  # no factors yet (e.g. the first step's factor update was skipped)
+        blocks = [self.blocks[i] for i in ready]
+        ready_grads = [grads[i] for i in ready]
         if self._dist is not None and self._dist.shares_gradients:  # owners precondition, then broadcast
-            updates = self._dist.precondition(grads)
+            updates = self._dist.precondition(blocks, ready_grads)
         else:
-            updates = self._apply_inverses(self.layers, grads)
-        nu = self._kl_clip_scale(updates, grads)
-        for layer, update, grad in zip(self.layers, updates, grads):
-            layer.set_grad(update * nu if nu != 1.0 else update)
-        return True
+            updates = self._apply_inverses(blocks, ready_grads)
+        nu = self._kl_clip_scale(updates, ready_grads)
+        for block, update in zip(blocks, updates):
+            block.set_grad(update * nu if nu != 1.0 else update)
 
-    def _apply_inverses(self, layers: list[KFACLayer], grads: list[Tensor]) -> list[Tensor]:
-        """The preconditioned gradient of each of ``layers`` (``grads`` in the same order)."""
-        a_side = [self._inv[l.name][0] for l in layers]
-        g_side = [self._inv[l.name][1] for l in layers]
-        if self.inversion == "cholesky":
-            return self.ops.precondition_inverse([g[0] for g in g_side], grads, [a[0] for a in a_side])
+    def _apply_inverses(self, blocks: list[Block], grads: list[Tensor]) -> list[Tensor]:
+        """The preconditioned gradient of each of ``blocks`` (``grads`` in the same order)."""
         gamma = float(_value(self.damping, self.steps)) if self.damping_mode == "eigen" else 0.0
-        return self.ops.precondition_eigen([g[1] for g in g_side], [g[0] for g in g_side], grads,
-                                           [a[1] for a in a_side], [a[0] for a in a_side], gamma)
+        dense = [i for i, b in enumerate(blocks) if not b.a_diagonal]
+        updates: list[Tensor] = [None] * len(blocks)  # type: ignore[list-item]
+        if dense:
+            a_side = [self._inv[blocks[i].name][0] for i in dense]
+            g_side = [self._inv[blocks[i].name][1] for i in dense]
+            dense_grads = [grads[i] for i in dense]
+            if self.inversion == "cholesky":
+                got = self.ops.precondition_inverse([g[0] for g in g_side], dense_grads, [a[0] for a in a_side])
+            else:
+                got = self.ops.precondition_eigen([g[1] for g in g_side], [g[0] for g in g_side], dense_grads,
+                                                  [a[1] for a in a_side], [a[0] for a in a_side], gamma)
+            for i, u in zip(dense, got):
+                updates[i] = u
+        for i, block in enumerate(blocks):
+            if block.a_diagonal:
+                a_side, g_side = self._inv[block.name]
+                updates[i] = _precondition_diagonal_a(grads[i], a_side, g_side, self.inversion, gamma)
+        return updates
 
     def _kl_clip_scale(self, updates: list[Tensor], grads: list[Tensor]) -> float:
         kl_clip = _value(self.kl_clip, self.steps)
@@ -470,19 +678,33 @@ class KFACPreconditioner:
 
     # ---- inspection and checkpoints -------------------------------------------------------
 
+    @property
+    def layers(self) -> list[Block]:
+        """The K-FAC blocks (alias of :attr:`blocks`)."""
+        return self.blocks
+
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """``{layer name: (A, G)}`` as defined in the module docstring (empty before the first update)."""
-        return {l.name: (self._a[l.name], self._g[l.name]) for l in self.layers if l.name in self._a}
+        """``{block name: (A, G)}`` as defined in the module docstring (A of an embedding is its
+        diagonal); empty before the first update."""
+        return {b.name: (self._a[b.name], self._g[b.name]) for b in self.blocks if b.name in self._a}
+
+    def memory_usage(self) -> dict[str, int]:
+        """Bytes held for the factors, the inverses (or eigendecompositions), and their total."""
+        factors = _bytes(list(self._a.values()) + list(self._g.values()))
+        inverses = _bytes([t for sides in self._inv.values() for side in sides for t in side if isinstance(t, Tensor)])
+        return dict(factors=factors, inverses=inverses, total=factors + inverses)
 
     def registration_report(self) -> str:
-        lines = [f"KFACPreconditioner(fisher_type={self.fisher_type!r}, inversion={self.inversion!r}, "
-                 f"damping_mode={self.damping_mode!r}, backend={self.backend!r}, loss={self.loss!r})",
-                 "  preconditioned layers:"]
-        for l in self.layers:
-            lines.append(f"    {l.name}: {type(l.module).__name__}, A {l.a_dim}x{l.a_dim}, G {l.g_dim}x{l.g_dim}")
+        lines = [f"KFACPreconditioner(fisher_type={self.fisher_type!r}, kfac_approx={self.kfac_approx!r}, "
+                 f"inversion={self.inversion!r}, damping_mode={self.damping_mode!r}, backend={self.backend!r}, "
+                 f"loss={self.loss!r})",
+                 "  preconditioned blocks:"]
+        for b in self.blocks:
+            a = f"A {b.a_dim} (diagonal)" if b.a_diagonal else f"A {b.a_dim}x{b.a_dim}"
+            lines.append(f"    {b.name}: {type(b.module).__name__}, {a}, G {b.g_dim}x{b.g_dim}")
         if self.unregistered:
             lines.append("  left to the base optimizer:")
-            lines += [f"    {name}: {reason}" for name, reason in self.unregistered]
+            lines += [f"    {name or '<model>'}: {reason}" for name, reason in self.unregistered]
         return "\n".join(lines)
 
     __repr__ = registration_report
@@ -502,33 +724,57 @@ class KFACPreconditioner:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        unknown = set(state["factors"]) - self._registered_names
+        """Loads a :meth:`state_dict`; every tensor moves to its block's device (a checkpoint
+        saved on CPU resumes on CUDA). A generator state of another device type restarts the Monte
+        Carlo stream from a seed derived from it (with a warning)."""
+        devices = {b.name: b.device for b in self.blocks}
+        unknown = set(state["factors"]) - devices.keys()
         if unknown:
-            raise ValueError(f"state_dict has factors for layers this model does not have: {sorted(unknown)}")
+            raise ValueError(f"state_dict has factors for blocks this model does not have: {sorted(unknown)}")
+
+        def to(name, t):
+            return t.to(devices[name], copy=True) if isinstance(t, Tensor) else t
+
         self.steps = state["steps"]
         self.stats = dict(state["stats"])
-        self._a = {name: a.clone() for name, (a, _) in state["factors"].items()}
-        self._g = {name: g.clone() for name, (_, g) in state["factors"].items()}
-        self._inv = {name: tuple(tuple(t.clone() for t in side) for side in sides)
+        self._a = {name: to(name, a) for name, (a, _) in state["factors"].items()}
+        self._g = {name: to(name, g) for name, (_, g) in state["factors"].items()}
+        self._inv = {name: tuple(tuple(to(name, t) for t in side) for side in sides)
                      for name, sides in state["inverses"].items()}
-        self.generator.set_state(state["generator"])
+        self._load_generator(state["generator"])
         if self._dist is not None:  # other ranks than the saving one start their own stream
             self._dist.load_generator(state)
         if state.get("damping") is not None and not callable(self.damping):
             self.damping = state["damping"]
         self._warned = set(state["warned"])
         self._clear_pending()
-        self._pending_step = self.steps
+
+    def _load_generator(self, generator_state: Tensor) -> None:
+        generator_state = generator_state.cpu()
+        if generator_state.numel() == self.generator.get_state().numel():
+            self.generator.set_state(generator_state)
+            return
+        seed = int(torch.frombuffer(bytearray(generator_state.numpy().tobytes()[:8].ljust(8, b"\0")), dtype=torch.int64)[0])
+        self.generator.manual_seed(seed & (2**63 - 1))
+        warnings.warn("KFACPreconditioner.load_state_dict: the Monte Carlo generator state was saved on "
+                      "another device type; the sampling stream restarts from a seed derived from it",
+                      RuntimeWarning, stacklevel=3)
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
 
-
     def _clear_pending(self) -> None:
-        self._pending_a, self._pending_g, self._forwards = {}, {}, 0
-        self._nonfinite_capture = False
+        self._pending_a: dict[str, list[Tensor]] = {}  # this micro-batch's inputs, by block
+        self._pending_g: dict[str, list[tuple[Tensor, float]]] = {}  # its gradient rows and weights
+        self._a_sum: dict[str, Tensor] = {}  # this step's reduced micro-batches
+        self._a_rows: dict[str, int] = {}
+        self._g_sum: dict[str, Tensor] = {}
+        self._g_count: dict[str, int] = {}
+        self._forwards = 0  # captured forwards (micro-batches) of this step
+        self._nonfinite_capture = False  # a captured output was not finite: skip this update
+        self._pending_step = self.steps
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -536,17 +782,8 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-def _leading_dim(output) -> int:
-    """N: the leading dimension of the (first) tensor the model returned."""
-    if isinstance(output, Tensor):
-        return output.shape[0]
-    values = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else ()
-    for value in values:
-        try:
-            return _leading_dim(value)
-        except TypeError:
-            continue
-    raise TypeError(f"KFACPreconditioner: the model returned {type(output).__name__} with no tensor in it")
+def _leading_dim(output: Tensor) -> int:
+    return output.shape[0] if output.dim() > 0 else 1
 
 
 def _cat(chunks: list[Tensor]) -> Tensor:
@@ -559,3 +796,65 @@ def _weighted_cat(chunks: list[tuple[Tensor, float]]) -> tuple[Tensor, float]:
     weight = chunks[0][1]
     rows = [g if w == weight else g * math.sqrt(w / weight) for g, w in chunks]
     return _cat(rows), weight
+
+
+def _accumulate(store: dict[str, Tensor], name: str, value: Tensor) -> None:
+    store[name] = store[name] + value if name in store else value
+
+
+def _by_budget(items: list, rows_of) -> list[list]:
+    """``items`` in consecutive batches whose row matrices total at most :data:`FLUSH_BYTES`
+    (at least one item each), so that one native call never materialises every layer's rows."""
+    batches, batch, size = [], [], 0
+    for item in items:
+        rows = rows_of(item)
+        nbytes = rows.numel() * rows.element_size()
+        if batch and size + nbytes > FLUSH_BYTES:
+            batches.append(batch)
+            batch, size = [], 0
+        batch.append(item)
+        size += nbytes
+    return batches + ([batch] if batch else [])
+
+
+def _trace(factor: Tensor) -> Tensor:
+    return factor.sum() if factor.dim() == 1 else factor.trace()
+
+
+def _bytes(tensors: list[Tensor]) -> int:
+    seen = {}
+    for t in tensors:
+        seen[(t.untyped_storage().data_ptr(), t.device)] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _invert_diagonal(a: Tensor, damping: float, inversion: str) -> tuple[tuple, int]:
+    """A diagonal factor's damped inverse ``(1 / (a + d),)`` or eigen pair ``(a + d, None)``."""
+    if not bool(torch.isfinite(a).all()):
+        return (), int(Status.NON_FINITE_INPUT)
+    damped = a + damping
+    if inversion == "cholesky":
+        if not bool((damped > 0).all()):
+            return (), int(Status.FAILED)
+        return (1.0 / damped,), int(Status.OK)
+    return (damped, None), int(Status.OK)
+
+
+def _identity_inverse(dim: int, diagonal: bool, inversion: str, dtype, device) -> tuple:
+    ones = torch.ones(dim, dtype=dtype, device=device)
+    if diagonal:
+        return (ones,) if inversion == "cholesky" else (ones, None)
+    eye = torch.eye(dim, dtype=dtype, device=device)
+    return (eye,) if inversion == "cholesky" else (ones, eye)
+
+
+def _precondition_diagonal_a(grad: Tensor, a_side: tuple, g_side: tuple, inversion: str, gamma: float) -> Tensor:
+    """``G⁻¹ ∇W̄ A⁻¹`` with a diagonal A (``∇W̄`` is ``[g_dim, a_dim]``): the A side scales
+    columns. Eigen form: ``Q_G ((Q_Gᵀ ∇W̄) / (λ_G λ_Aᵀ + γ))``."""
+    g = grad.to(a_side[0].dtype)
+    if inversion == "cholesky":
+        out = (g_side[0] @ g) * a_side[0]
+    else:
+        lam_g, q_g = g_side
+        out = q_g @ ((q_g.T @ g) / (torch.outer(lam_g, a_side[0]) + gamma))
+    return out.to(grad.dtype)

@@ -298,7 +298,7 @@ def test_failed_inversion_on_owner_gives_every_rank_the_same_fallback(runs, name
     for records in runs[0][2][name]:
         assert records[-1]["stats"]["failed_inversions"] == 1
         assert records[-1]["warnings"] == [
-            "KFACPreconditioner: inverting factor G of layer '0' failed (FAILED) even in float64; "
+            "KFACPreconditioner: inverting factor G of block '0' failed (FAILED) even in float64; "
             "using the previous inverse (warned once per factor)"]
         assert records[-1]["stats"]["inverse_updates"] == 2
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import warnings
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -139,8 +141,9 @@ def test_nonfinite_first_step_leaves_no_factors():
 
 
 def test_nonfinite_gradient_preconditioner_zeroes_registered_grads():
-    """Activations are finite (the factors update), one gradient is NaN after backward: step()
-    returns False, every registered layer's gradient is zero, the step is counted."""
+    """Activations are finite, one gradient is NaN after backward: step() returns False, every
+    registered layer's gradient is zero, the step's statistics are dropped (a NaN gradient says
+    the step went wrong), and both are counted."""
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 4))
     precond = KFACPreconditioner(model, loss="cross_entropy")
     x, y = batch()
@@ -149,7 +152,7 @@ def test_nonfinite_gradient_preconditioner_zeroes_registered_grads():
     bn_grads = [p.grad.clone() for p in model[1].parameters()]
     assert precond.step() is False
     assert precond.stats["nonfinite_grad_steps"] == 1
-    assert precond.stats["factor_updates"] == 1
+    assert precond.stats["factor_updates"] == 0 and precond.stats["skipped_factor_updates"] == 1
     for layer in (model[0], model[3]):
         for p in layer.parameters():
             assert torch.equal(p.grad, torch.zeros_like(p))
@@ -202,7 +205,7 @@ def test_failed_inversion_keeps_previous_inverse_and_warns_once(inversion, bad):
     a_dim = precond.factors()["2"][0].shape[0]
     precond._a["2"] = bad(a_dim)
 
-    with pytest.warns(RuntimeWarning, match=r"factor A of layer '2'") as record:
+    with pytest.warns(RuntimeWarning, match=r"factor A of block '2'") as record:
         train_step(model, opt, *batch())
     assert len(kfac_messages(record)) == 1
     assert precond.stats["failed_inversions"] == 1
@@ -232,7 +235,7 @@ def test_failed_first_inversion_falls_back_to_identity():
     precond._update_factors = corrupt
     x, y = batch()
     F.cross_entropy(model(x), y).backward()
-    with pytest.warns(RuntimeWarning, match=r"factor A of layer '0'.*identity"):
+    with pytest.warns(RuntimeWarning, match=r"factor A of block '0'.*identity"):
         assert precond.step() is True
     assert precond.stats["failed_inversions"] == 1
     assert torch.equal(precond._inv["0"][0][0], torch.eye(7))
@@ -322,9 +325,10 @@ def test_step_before_backward_raises(fisher_type):
         precond.step()
 
 
-def test_step_after_zero_grad_without_backward_raises():
-    """Gradients left as zeros (``set_to_none=False``) but no backward this step: the empirical
-    estimator has no output gradients and says so."""
+def test_step_after_zero_grad_without_backward_warns():
+    """Gradients left as zeros (``set_to_none=False``) but no backward this step: the forward
+    without a backward is no micro-batch of the empirical Fisher, the factors stay as they were,
+    and the preconditioner says so (once)."""
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     precond = KFACPreconditioner(model, loss="cross_entropy", fisher_type="empirical")
@@ -333,8 +337,28 @@ def test_step_after_zero_grad_without_backward_raises():
     precond.step()
     opt.step()
     opt.zero_grad(set_to_none=False)
+    factors = {name: (a.clone(), g.clone()) for name, (a, g) in precond.factors().items()}
     model(x)
-    with pytest.raises(RuntimeError, match="backward"):
+    with pytest.warns(RuntimeWarning, match="no layer statistics.*backward"):
+        precond.step()
+    assert precond.stats["factor_updates"] == 1 and precond.stats["skipped_factor_updates"] == 1
+    for name, (a, g) in precond.factors().items():
+        assert torch.equal(a, factors[name][0]) and torch.equal(g, factors[name][1])
+
+
+def test_first_step_without_statistics_raises_with_the_reason():
+    """No factors yet and nothing captured: K-FAC has no curvature; the error says why."""
+    model = mlp()
+    precond = KFACPreconditioner(model, loss="cross_entropy")
+    x, y = batch()
+    model.eval()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="eval mode"):
+        precond.step()
+    model.train()
+    with precond.pause():
+        F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"no_grad\(\) or precond.pause\(\)"):
         precond.step()
 
 
@@ -346,25 +370,18 @@ def test_kfac_step_before_backward_raises():
         opt.step()
 
 
-def test_unused_layer_raises_naming_it():
+def test_unused_layer_is_left_alone():
+    """A layer that does not run in a step (an unused pooler, a dropped or unrouted layer) is no
+    error: it has no gradient and keeps none, while the layers that ran are preconditioned."""
     model = Net(unused=True)
-    precond = KFACPreconditioner(model, loss="cross_entropy")
-    x, y = batch()
-    F.cross_entropy(model(x), y).backward()
-    with pytest.raises(RuntimeError, match="'unused'"):
-        precond.step()
-
-
-def test_unused_layer_error_points_to_skip_layers():
-    """The user did call backward: the message must say the layer never ran and how to fix it
-    (skip_layers), not ask for a backward."""
-    model = Net(unused=True)
-    precond = KFACPreconditioner(model, loss="cross_entropy")
-    x, y = batch()
-    F.cross_entropy(model(x), y).backward()
-    with pytest.raises(RuntimeError, match="'unused'") as info:
-        precond.step()
-    assert "skip_layers" in str(info.value), str(info.value)
+    opt = KFAC(model, lr=0.1, loss="cross_entropy")
+    losses = [train_step(model, opt, *batch()).item() for _ in range(3)]
+    precond = opt.preconditioner
+    assert [b.name for b in precond.blocks] == ["body.0", "body.2", "unused"]
+    assert set(precond.factors()) == {"body.0", "body.2"}
+    assert model.unused.weight.grad is None
+    assert precond.stats["factor_updates"] == 3
+    assert all(math.isfinite(v) for v in losses)
 
 
 def test_unused_layer_in_skip_layers_works():
@@ -379,11 +396,30 @@ def test_unused_layer_in_skip_layers_works():
     assert torch.equal(model.unused.weight, unused)
 
 
-def test_tuple_output_with_mc_raises_type_error():
+def test_tuple_output_with_mc_samples_from_the_first_tensor():
+    """A tuple output: the logits are its first tensor (the default ``output_fn``)."""
     model = Net(output="tuple")
+    precond = KFACPreconditioner(model, loss="cross_entropy", fisher_type="mc")
+    x, y = batch()
+    F.cross_entropy(model(x)[0], y).backward()
+    assert precond.step() is True
+    assert set(precond.factors()) == {"body.0", "body.2"}
+
+
+def test_output_without_logits_raises_naming_output_fn():
+    model = Net(output="tuple")
+    KFACPreconditioner(model, loss="cross_entropy", fisher_type="mc", output_fn=lambda out: out[1])
+    with pytest.raises((RuntimeError, ValueError, IndexError)):
+        model(batch()[0])  # a 0-d "logits" tensor cannot be sampled from
+    model = nn.Sequential(nn.Linear(3, 3), Dictify())
     KFACPreconditioner(model, loss="cross_entropy", fisher_type="mc")
-    with pytest.raises(TypeError, match="returned tuple.*one tensor"):
-        model(batch()[0])
+    with pytest.raises(TypeError, match="output_fn"):
+        model(torch.randn(2, 3))
+
+
+class Dictify(nn.Module):
+    def forward(self, x):
+        return {"count": 3}
 
 
 def test_tuple_output_with_empirical_fisher_works():

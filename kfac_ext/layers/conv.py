@@ -1,0 +1,78 @@
+"""``nn.Conv1d`` and ``nn.Conv2d`` with ``groups=1`` and zero padding, after KFC (Grosse &
+Martens 2016): activation rows are the im2col patches, one per example and output position, and
+``W`` is viewed as ``[out, C·k…]``; the output positions are shared-weight positions (expand or
+reduce, see :mod:`kfac_ext.layers.base`)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Block, LayerKind, positions_rows
+
+
+class ConvBlock(Block):
+    def __init__(self, name: str, module: nn.Module, approx: str = "expand"):
+        super().__init__(name, module, approx)
+        self.g_dim = self.weight.shape[0]
+        self.a_dim = self.weight[0].numel() + int(self.has_bias)
+
+    def _patches(self, x: Tensor) -> Tensor:
+        """``[N, L, C·k…]`` im2col patches (Conv1d as a Conv2d of height 1)."""
+        m = self.module
+        conv1d = isinstance(m, nn.Conv1d)
+        if conv1d:
+            x = x.unsqueeze(-2)
+        if x.dim() == 3:  # an unbatched input
+            x = x.unsqueeze(0)
+        two_d = (lambda v: (1, v[0])) if conv1d else tuple
+        kernel, dilation, stride = two_d(m.kernel_size), two_d(m.dilation), two_d(m.stride)
+        padding = m.padding
+        if isinstance(padding, str):  # "valid" or "same" (stride 1): pad explicitly
+            if padding == "same":
+                x = F.pad(x, _same_padding(kernel, dilation))
+            padding = (0, 0)
+        patches = F.unfold(x, kernel, dilation=dilation, padding=two_d(padding), stride=stride)
+        return patches.transpose(1, 2)
+
+    def activation_rows(self, x: Tensor) -> Tensor:
+        return positions_rows(self._patches(x), self.approx, Tensor.mean)
+
+    def output_grad_rows(self, grad: Tensor) -> Tensor:
+        if grad.dim() == self.weight.dim() - 1:  # an unbatched output
+            grad = grad.unsqueeze(0)
+        rows = grad.flatten(2).transpose(1, 2)  # [N, L, out]
+        return positions_rows(rows, self.approx, Tensor.sum)
+
+    def weight_view(self, t: Tensor) -> Tensor:
+        return t.reshape(t.shape[0], -1)
+
+    def write_weight(self, t: Tensor, matrix: Tensor) -> None:
+        t.copy_(matrix.reshape(t.shape))  # t may be channels-last: no flat view of it
+
+
+def _same_padding(kernel, dilation) -> list[int]:
+    pads = []
+    for k, d in zip(reversed(kernel), reversed(dilation)):
+        total = d * (k - 1)
+        pads += [total // 2, total - total // 2]
+    return pads
+
+
+class Conv(LayerKind):
+    module_types = (nn.Conv1d, nn.Conv2d)
+
+    @classmethod
+    def unsupported_reason(cls, module, approx):
+        kind = type(module).__name__
+        if module.groups != 1:
+            return f"{kind} with groups={module.groups} (only groups=1)"
+        if module.padding_mode != "zeros":
+            return f"{kind} with padding_mode={module.padding_mode!r} (only 'zeros')"
+        if module.padding == "same" and any(s != 1 for s in module.stride):
+            return f"{kind} with padding='same' and stride > 1"
+        return None
+
+    @classmethod
+    def blocks(cls, name, module, approx):
+        return [ConvBlock(name, module, approx)]

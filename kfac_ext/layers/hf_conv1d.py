@@ -1,0 +1,30 @@
+"""Hugging Face ``transformers.pytorch_utils.Conv1D`` (GPT-2 and relatives): a Linear whose weight
+is stored transposed, ``[in, out]``, computing ``x @ W + b``. Matched by name and attributes so
+that transformers need not be installed."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .base import LayerKind
+from .linear import LinearBlock
+
+
+class HFConv1DBlock(LinearBlock):
+    def __init__(self, name: str, module: nn.Module, approx: str = "expand"):
+        super(LinearBlock, self).__init__(name, module, approx)
+        fan_in, self.g_dim = self.weight.shape
+        self.a_dim = fan_in + int(self.has_bias)
+
+    def weight_view(self, t: Tensor) -> Tensor:
+        return t.T
+
+
+class HFConv1D(LayerKind):
+    @classmethod
+    def matches(cls, module):
+        return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+    @classmethod
+    def blocks(cls, name, module, approx):
+        return [HFConv1DBlock(name, module, approx)]
