@@ -377,7 +377,8 @@ class KFACPreconditioner:
             return
         by_name = {b.name: b for b in self.blocks}
         a_items, g_items = [], []
-        shared: dict[tuple, Tensor] = {}  # same input, same rows (q, k, v of self-attention)
+        # Blocks that saw the same inputs and read them alike (q, k, v of self-attention) share
+        # one Σ ā āᵀ: the key says so.
         for name, xs in self._pending_a.items():
             block = by_name[name]
             key = (tuple(id(x) for x in xs), type(block).activation_rows, block.approx, block.has_bias, block.a_dim)
@@ -385,11 +386,12 @@ class KFACPreconditioner:
         for name, chunks in self._pending_g.items():
             g_items.append((by_name[name], chunks))
         self._pending_a, self._pending_g = {}, {}
-        self._reduce_activations(a_items, shared)
+        self._reduce_activations(a_items)
         self._reduce_gradients(g_items)
 
-    def _reduce_activations(self, items, shared) -> None:
-        dense = []
+    def _reduce_activations(self, items) -> None:
+        dense, same_rows = [], []  # blocks with rows of their own / rows another block has too
+        firsts: dict[tuple, Block] = {}
         for block, key, xs in items:
             rows = _cat([block.activation_rows(x) for x in xs])
             if rows.shape[0] == 0:  # e.g. an expert no token was routed to
@@ -398,17 +400,20 @@ class KFACPreconditioner:
             if block.a_diagonal:
                 counts = torch.bincount(rows, minlength=block.a_dim).to(self.factor_dtype)
                 _accumulate(self._a_sum, block.name, counts)
-            elif key in shared:
-                _accumulate(self._a_sum, block.name, shared[key])
+            elif key in firsts:
+                same_rows.append((block, firsts[key]))
             else:
-                shared[key] = None
-                dense.append((block, key, rows))
-        for batch in _by_budget(dense, lambda item: item[2]):
-            sums = [torch.empty(b.a_dim, b.a_dim, dtype=self.factor_dtype, device=r.device) for b, _, r in batch]
-            self._factor_update(sums, [r for _, _, r in batch], [1.0] * len(batch), [b.has_bias for b, _, _ in batch])
-            for (block, key, _), total in zip(batch, sums):
-                shared[key] = total
-                _accumulate(self._a_sum, block.name, total)
+                firsts[key] = block
+                dense.append((block, rows))
+        sums: dict[str, Tensor] = {}
+        for batch in _by_budget(dense, lambda item: item[1]):
+            totals = [torch.empty(b.a_dim, b.a_dim, dtype=self.factor_dtype, device=r.device) for b, r in batch]
+            self._factor_update(totals, [r for _, r in batch], [1.0] * len(batch), [b.has_bias for b, _ in batch])
+            sums.update((b.name, t) for (b, _), t in zip(batch, totals))
+        for block, _ in dense:
+            _accumulate(self._a_sum, block.name, sums[block.name])
+        for block, first in same_rows:
+            _accumulate(self._a_sum, block.name, sums[first.name])
 
     def _reduce_gradients(self, items) -> None:
         work = [(block, _weighted_cat(chunks)) for block, chunks in items]

@@ -133,7 +133,7 @@ class MultiheadAttention(LayerKind):
         for i, side in enumerate("qkv"):
             weight = module.in_proj_weight if packed else getattr(module, f"{side}_proj_weight")
             if weight.requires_grad:
-                blocks.append(ProjectionBlock(f"{name}.{side}", module, weight, i, packed))
+                blocks.append(ProjectionBlock(f"{name}.{side}" if name else side, module, weight, i, packed))
         if module.out_proj.weight.requires_grad:
             blocks.append(LinearBlock(f"{name}.out_proj" if name else "out_proj", module.out_proj))
         return blocks

@@ -25,14 +25,18 @@ class ConvBlock(Block):
             x = x.unsqueeze(-2)
         if x.dim() == 3:  # an unbatched input
             x = x.unsqueeze(0)
-        two_d = (lambda v: (1, v[0])) if conv1d else tuple
-        kernel, dilation, stride = two_d(m.kernel_size), two_d(m.dilation), two_d(m.stride)
+        def two_d(v, height):  # Conv1d's (v,) as (height, v)
+            return (height, v[0]) if conv1d else tuple(v)
+
+        kernel, dilation, stride = two_d(m.kernel_size, 1), two_d(m.dilation, 1), two_d(m.stride, 1)
         padding = m.padding
         if isinstance(padding, str):  # "valid" or "same" (stride 1): pad explicitly
             if padding == "same":
                 x = F.pad(x, _same_padding(kernel, dilation))
             padding = (0, 0)
-        patches = F.unfold(x, kernel, dilation=dilation, padding=two_d(padding), stride=stride)
+        else:
+            padding = two_d(padding, 0)
+        patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
         return patches.transpose(1, 2)
 
     def activation_rows(self, x: Tensor) -> Tensor:
