@@ -6,6 +6,7 @@
 # nvcc is found; CI uses ON so every .cu file is compiled).
 PYTHON ?= python3
 TORCH_VERSION ?= 2.14.1
+TORCHVISION_VERSION ?= 0.29.1
 KFAC_EXT_WITH_CUDA ?= AUTO
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -16,7 +17,7 @@ all: test
 
 $(VENV)/.deps-installed: requirements-dev.txt Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) -r requirements-dev.txt
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) torchvision==$(TORCHVISION_VERSION) -r requirements-dev.txt
 	touch $@
 
 build: $(VENV)/.deps-installed

@@ -1,7 +1,8 @@
 """``nn.MultiheadAttention``: four Linear-like blocks — ``q``, ``k``, ``v`` (rows of the packed
 ``in_proj_weight``, or the separate ``q/k/v_proj_weight`` when ``kdim``/``vdim`` differ) and
-``out_proj``. In self-attention the three input projections see the same input, so their
-activation rows (and A) are the same.
+``out_proj``, each on ``[batch, positions, features]`` rows (expand or reduce). In self-attention
+the three input projections see the same input, so their activation rows (and A) are the same
+and are reduced once.
 
 Capture cannot use module hooks: ``MultiheadAttention.forward`` hands its weights to
 ``F.multi_head_attention_forward``, which calls ``F.linear`` itself (``out_proj``'s hooks never
@@ -61,8 +62,9 @@ class ProjectionBlock(LinearBlock):
     """Rows ``[offset, offset + E)`` of ``in_proj_weight`` / ``in_proj_bias``, or a separate
     ``q/k/v_proj_weight`` (``offset`` None) with its slice of ``in_proj_bias``."""
 
-    def __init__(self, name: str, module: nn.MultiheadAttention, weight: nn.Parameter, index: int, packed: bool):
-        self.name, self.module, self.approx = name, module, "expand"
+    def __init__(self, name: str, module: nn.MultiheadAttention, weight: nn.Parameter, index: int, packed: bool,
+                 approx: str = "expand"):
+        self.name, self.module, self.approx = name, module, approx
         e = module.embed_dim
         self.rows = slice(index * e, (index + 1) * e)
         self.packed = packed
@@ -121,21 +123,15 @@ class MultiheadAttention(LayerKind):
     module_types = (nn.MultiheadAttention,)
 
     @classmethod
-    def unsupported_reason(cls, module, approx):
-        if approx != "expand":
-            return "MultiheadAttention with kfac_approx='reduce' (only 'expand')"
-        return None
-
-    @classmethod
     def blocks(cls, name, module, approx):
         packed = module._qkv_same_embed_dim
         blocks = []
         for i, side in enumerate("qkv"):
             weight = module.in_proj_weight if packed else getattr(module, f"{side}_proj_weight")
             if weight.requires_grad:
-                blocks.append(ProjectionBlock(f"{name}.{side}" if name else side, module, weight, i, packed))
+                blocks.append(ProjectionBlock(f"{name}.{side}" if name else side, module, weight, i, packed, approx))
         if module.out_proj.weight.requires_grad:
-            blocks.append(LinearBlock(f"{name}.out_proj" if name else "out_proj", module.out_proj))
+            blocks.append(LinearBlock(f"{name}.out_proj" if name else "out_proj", module.out_proj, approx))
         return blocks
 
     @classmethod
