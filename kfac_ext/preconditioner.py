@@ -39,6 +39,7 @@ from . import distributed
 from . import ops as native_ops
 from . import reference as reference_ops
 from .layers import KFAC_APPROXIMATIONS, Block, find_blocks
+from .layers.base import Hook
 from .losses import CrossEntropy, Loss, make_loss
 from .ops import Status
 
@@ -268,8 +269,8 @@ class KFACPreconditioner:
         self._handles = []
         for kind, module, blocks in registration.installs:
             self._handles += kind.install(module, blocks, self._record)
-        self._handles += [model.register_forward_pre_hook(self._model_pre_hook, prepend=True)]
-        self._handles += [model.register_forward_hook(self._model_hook, with_kwargs=True)]
+        self._handles += [model.register_forward_pre_hook(Hook(self._model_pre_hook), prepend=True)]
+        self._handles += [model.register_forward_hook(Hook(self._model_hook), with_kwargs=True)]
 
     # ---- capture ---------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import threading
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import LayerKind, Record
+from .base import Hook, LayerKind, Record
 from .linear import LinearBlock
 
 _ORIGINAL_LINEAR = F.linear
@@ -156,5 +156,5 @@ class MultiheadAttention(LayerKind):
         def post_hook(m, args, output):
             _pop(tap)
 
-        return [module.register_forward_pre_hook(pre_hook, with_kwargs=True),
-                module.register_forward_hook(post_hook, always_call=True)]
+        return [module.register_forward_pre_hook(Hook(pre_hook), with_kwargs=True),
+                module.register_forward_hook(Hook(post_hook), always_call=True)]

@@ -123,6 +123,25 @@ are ``(block, cols)``: the blocks that saw input ``x`` and produced ``output``, 
 the output gradient to the ``[examples, ...]`` layout the blocks expect."""
 
 
+class Hook:
+    """A module hook that a copy of the module does not keep: ``copy.deepcopy(model)`` (an EMA
+    model, an evaluation copy) gets an inert hook, so the copy runs unobserved and the copy itself
+    never drags the preconditioner along."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return _inert
+
+
+def _inert(*args, **kwargs) -> None:
+    return None
+
+
 class LayerKind:
     """Registry entry: which modules it handles and which blocks it makes of them.
 
@@ -154,7 +173,7 @@ class LayerKind:
     def install(cls, module: nn.Module, blocks: list[Block], record: Record) -> list:
         """Default: one forward hook, the module's first input and its output, all blocks."""
         pairs = [(b, None) for b in blocks]
-        return [module.register_forward_hook(lambda m, inputs, output: record(pairs, inputs[0], output))]
+        return [module.register_forward_hook(Hook(lambda m, inputs, output: record(pairs, inputs[0], output)))]
 
 
 def positions_rows(x: Tensor, approx: str, reduce_fn) -> Tensor:
