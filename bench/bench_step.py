@@ -89,10 +89,18 @@ def measure(model, x, backend, device, min_run_time):
 
     forward_backward()
     precond.step()  # factors and inverses exist from here on
-    forward_backward()  # leaves this step's captures pending for the phase timings
-    grads = precond._gradients()
+    forward_backward()  # leaves this step's micro-batch pending for the phase timings
+    pending = dict(precond._pending_a), dict(precond._pending_g)
+    grads = [b.grad_matrix() for b in precond.blocks]
+
+    def factor_update():  # reduce the captured micro-batch to factor sums, then the EMA
+        precond._clear_pending()
+        precond._pending_a, precond._pending_g, precond._forwards = dict(pending[0]), dict(pending[1]), 1
+        precond._flush()
+        precond._update_factors()
+
     times = dict(
-        factor_update=median_seconds(precond._update_factors, min_run_time),
+        factor_update=median_seconds(factor_update, min_run_time),
         inversion=median_seconds(precond._update_inverses, min_run_time),
         precondition=median_seconds(lambda: precond._precondition(grads), min_run_time),
     )
