@@ -528,15 +528,21 @@ def test_kfac_accepts_param_groups_with_weight_decay():
 # ---- capture that does what the user meant ----------------------------------------------------
 
 
+def type2_factors_of_one_batch(model, x, y) -> dict:
+    """The type-2 float64 factors of one plain step on ``(x, y)`` (hooks removed after)."""
+    precond = KFACPreconditioner(model, "cross_entropy", fisher_type="type-2", factor_dtype=F64)
+    F.cross_entropy(model(x), y).backward()
+    precond.step()
+    precond.remove_hooks()
+    model.zero_grad()
+    return {k: (a.clone(), g.clone()) for k, (a, g) in precond.factors().items()}
+
+
 def test_pause_and_eval_and_no_grad_forwards_are_not_captured():
     torch.manual_seed(16)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     x, y = torch.randn(6, 3, dtype=F64), torch.randint(0, 2, (6,))
-    reference = KFACPreconditioner(model, "cross_entropy", fisher_type="type-2", factor_dtype=F64)
-    F.cross_entropy(model(x), y).backward()
-    reference.step()
-    expected = {k: (a.clone(), g.clone()) for k, (a, g) in reference.factors().items()}
-    reference.remove_hooks()
+    expected = type2_factors_of_one_batch(model, x, y)
 
     precond = KFACPreconditioner(model, "cross_entropy", fisher_type="type-2", factor_dtype=F64)
     with precond.pause():
@@ -546,7 +552,6 @@ def test_pause_and_eval_and_no_grad_forwards_are_not_captured():
     model.eval()
     model(torch.randn(9, 3, dtype=F64))
     model.train()
-    model.zero_grad()
     F.cross_entropy(model(x), y).backward()
     precond.step()
     assert precond.stats["factor_updates"] == 1
@@ -561,14 +566,9 @@ def test_accumulation_equals_one_big_batch():
     torch.manual_seed(17)
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
     x, y = torch.randn(12, 3, dtype=F64), torch.randint(0, 2, (12,))
-    big = KFACPreconditioner(model, "cross_entropy", fisher_type="type-2", factor_dtype=F64)
-    F.cross_entropy(model(x), y).backward()
-    big.step()
-    expected = {k: (a.clone(), g.clone()) for k, (a, g) in big.factors().items()}
-    big.remove_hooks()
+    expected = type2_factors_of_one_batch(model, x, y)
 
     acc = KFACPreconditioner(model, "cross_entropy", fisher_type="type-2", factor_dtype=F64, grad_accumulation_steps=3)
-    model.zero_grad()
     for chunk_x, chunk_y in zip(x.chunk(3), y.chunk(3)):
         (F.cross_entropy(model(chunk_x), chunk_y) / 3).backward()
         assert all(len(v) == 1 for v in acc._pending_a.values())  # only this micro-batch is held
