@@ -576,3 +576,39 @@ def test_accumulation_equals_one_big_batch():
     for name, (a, g) in acc.factors().items():
         torch.testing.assert_close(a, expected[name][0], rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(g, expected[name][1], rtol=1e-12, atol=1e-14)
+
+
+class TinyMoE(nn.Module):
+    """Two experts, tokens routed by sign of their first feature: one expert may get no token."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.experts, self.out = nn.Linear(3, 4), nn.ModuleList(nn.Linear(4, 4) for _ in range(2)), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        route = (h[:, 0] > 0).long()
+        mixed = torch.zeros_like(h)
+        for i, expert in enumerate(self.experts):
+            picked = route == i
+            mixed[picked] = expert(h[picked])  # may run on zero rows
+        return self.out(mixed)
+
+
+def test_an_expert_with_no_tokens_keeps_its_factors():
+    torch.manual_seed(18)
+    model = TinyMoE().double()
+    opt = KFAC(model, lr=0.1, loss="cross_entropy", factor_dtype=F64)
+    x, y = torch.randn(8, 3, dtype=F64), torch.randint(0, 2, (8,))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    with torch.no_grad():
+        model.inp.bias.fill_(-10.0)  # every token now goes to expert 0
+        model.inp.weight.zero_()
+    a_before = opt.preconditioner.factors()["experts.1"][0].clone()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    assert opt.step() is None
+    assert torch.equal(opt.preconditioner.factors()["experts.1"][0], a_before)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.preconditioner.stats["factor_updates"] == 2

@@ -12,6 +12,8 @@ def _as_examples(t: Tensor) -> Tensor:
     """``[N, T, d]``: examples × positions × features (T = 1 for a ``[N, d]`` or ``[d]`` input)."""
     if t.dim() == 1:
         return t.reshape(1, 1, -1)
+    if t.numel() == 0:  # e.g. an expert no token was routed to
+        return t.new_empty(0, 1, t.shape[-1])
     return t.reshape(t.shape[0], -1, t.shape[-1])
 
 
