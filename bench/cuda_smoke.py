@@ -35,7 +35,9 @@ def main() -> int:
             fs = [spd(d + o, dtype) for d, o in zip(dims, ones)]
             if decay == 0.0:
                 fs[1][0, 1] = float("nan")  # a stale NaN that decay 0 must drop
-            fs_gpu = [f.to(DEVICE) for f in fs]
+            # copy=True: on DEVICE=cpu, .to() returns the same tensor, and the two in-place
+            # updates below would hit one tensor twice and compare it with itself
+            fs_gpu = [f.to(DEVICE, copy=True) for f in fs]
             ops.factor_update_(fs, xs, decay=decay, scales=0.5, append_ones=ones)
             ops.factor_update_(fs_gpu, [x.to(DEVICE) for x in xs], decay=decay, scales=0.5, append_ones=ones)
             worst[f"factor_update {dtype} x={x_dtype} decay={decay}"] = max(rel_err(g, c) for g, c in zip(fs_gpu, fs))

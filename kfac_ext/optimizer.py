@@ -163,14 +163,17 @@ class KFAC(torch.optim.SGD):
                 b.copy_(saved)
 
     def _quadratic_model(self, deltas: dict[int, torch.Tensor], raw_grads, gamma: float) -> float:
-        """M(δ) − M(0) = ∇ᵀδ + ½ δᵀ(F + γI)δ over the K-FAC blocks, F ≈ blockdiag(G ⊗ A) (the
-        other parameters have no curvature model, so they enter neither term)."""
+        """M(δ) − M(0) = ∇ᵀδ + ½ δᵀ(F + γI)δ, F ≈ blockdiag(G ⊗ A) on the K-FAC blocks and 0 on
+        the parameters the base optimizer moves alone (their ∇ᵀδ and γ‖δ‖² still count: L(θ+δ)
+        sees their change too)."""
         precond = self.preconditioner
         linear = quad = 0.0
         factors = precond.factors()
+        modelled = set()
         for block, grad in zip(precond.blocks, raw_grads):
             if grad is None or block.name not in factors:
                 continue
+            modelled.update(id(p) for p in block.params())
             dw = block.matrix(deltas[id(block.weight)], deltas[id(block.bias)] if block.bias is not None else None)
             a, g = factors[block.name]
             dw = dw.to(a.dtype)
@@ -180,6 +183,11 @@ class KFAC(torch.optim.SGD):
                 curvature = precond.ops.kron_matmul([g], [dw], [a])[0]
             quad += float((dw.double() * (curvature.double() + gamma * dw.double())).sum())
             linear += float((grad.double() * dw.double()).sum())
+        for p in self._params():
+            if id(p) not in modelled and p.grad is not None:
+                d = deltas[id(p)].double()
+                linear += float((p.grad.double() * d).sum())
+                quad += gamma * float((d * d).sum())
         return linear + 0.5 * quad
 
     def state_dict(self) -> dict[str, Any]:
