@@ -162,13 +162,13 @@ class CausalLM(nn.Module):
 
 
 # ResNet-18's deepest 3x3 convolutions have A of 2304² and 4608²: an eigendecomposition of those
-# costs tens of seconds on two CPU cores, so the tests cap factors at 1200 (max_factor_dim) — the
+# costs tens of seconds on two CPU cores, so the tests cap factors at 600 (max_factor_dim) — the
 # report then says which convolutions went to the base optimizer and why.
-RESNET_MAX_FACTOR_DIM = 1200
+RESNET_MAX_FACTOR_DIM = 600
 
 
 def resnet18_blocks(model) -> tuple[list[str], dict[str, str]]:
-    """The expected preconditioned blocks and left-out modules under the 1200 cap."""
+    """The expected preconditioned blocks and left-out modules under the cap."""
     blocks, others = [], {}
     for name, m in model.named_modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -194,7 +194,7 @@ def test_resnet18(fisher_type, approx):
     assert_trains(losses, precond, steps=4)
     blocks, others = resnet18_blocks(model)
     assert [b.name for b in precond.blocks] == blocks
-    assert len(blocks) == 14 and blocks[-1] == "fc"
+    assert len(blocks) == 10 and "layer2.0.conv1" in blocks and blocks[-1] == "fc"  # strided convs too
     assert dict(precond.unregistered) == others
 
 
