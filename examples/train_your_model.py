@@ -2,8 +2,10 @@
 
     python examples/train_your_model.py
 
-Swap in your model, data and loss. K-FAC preconditions nn.Linear and nn.Conv2d layers; every
-other parameter gets plain SGD-momentum (print the optimizer's preconditioner to see which).
+Swap in your model, data and loss. K-FAC preconditions Linear, Conv1d/Conv2d, MultiheadAttention,
+Embedding and Hugging Face Conv1D layers; every other parameter gets plain SGD-momentum (print
+the optimizer's preconditioner to see which). examples/train_hf_gpt2.py does the same for a
+Hugging Face model.
 """
 
 import torch
