@@ -684,11 +684,6 @@ class KFACPreconditioner:
 
     # ---- inspection and checkpoints -------------------------------------------------------
 
-    @property
-    def layers(self) -> list[Block]:
-        """The K-FAC blocks (alias of :attr:`blocks`)."""
-        return self.blocks
-
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """``{block name: (A, G)}`` as defined in the module docstring (A of an embedding is its
         diagonal); empty before the first update."""

@@ -149,7 +149,7 @@ def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None =
                     dist.all_reduce(p.grad, group=group)
                     p.grad.div_(world)
             if spec.get("nan_statistics") == step and rank == world - 1:
-                name = precond.layers[0].name
+                name = precond.blocks[0].name
                 precond._pending_a[name][0] = torch.full_like(precond._pending_a[name][0], float("inf"))
             if failing is not None:
                 failing.armed = step == spec["fail"][0]
@@ -431,7 +431,7 @@ def test_assignment_balances_cost():
 def test_assignment_of_real_models_balances_cost():
     for model in (mlp(), nn.Sequential(*[nn.Linear(64, 64) for _ in range(8)]),
                   nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 32, 3), nn.Flatten(), nn.Linear(32, 10))):
-        layers = KFACPreconditioner(model, loss="cross_entropy").layers
+        layers = KFACPreconditioner(model, loss="cross_entropy").blocks
         for colocate in (False, True):
             costs = kd.inversion_costs(layers, colocate)
             for world in (2, 3, 4):

@@ -62,7 +62,7 @@ def params(model: nn.Module) -> list[torch.Tensor]:
 
 def updates(precond: KFACPreconditioner) -> list[torch.Tensor]:
     """``[∇W | ∇b]`` of every registered layer as ``.grad`` holds it now."""
-    return [layer.grad_matrix() for layer in precond.layers]
+    return [layer.grad_matrix() for layer in precond.blocks]
 
 
 # ---- native backend == reference backend ---------------------------------------------------
@@ -279,7 +279,7 @@ def test_damping_schedule_is_used_at_each_step():
         _precond_run(3, inversion="cholesky", damping=lambda s: gammas[s], inv_update_steps=1)
     ):
         root = math.sqrt(gammas[step])
-        for layer, raw, update in zip(precond.layers, precond.last_raw_gradients, updates(precond)):
+        for layer, raw, update in zip(precond.blocks, precond.last_raw_gradients, updates(precond)):
             a, g = (f.to(F64) for f in precond.factors()[layer.name])
             ga = g + root * torch.eye(len(g), dtype=F64)
             aa = a + root * torch.eye(len(a), dtype=F64)

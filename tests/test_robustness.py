@@ -242,7 +242,7 @@ def test_failed_first_inversion_falls_back_to_identity():
     raw = precond.last_raw_gradients[0].double()
     g = precond.factors()["0"][1].double() + 1e-4 * torch.eye(8, dtype=torch.float64)
     expected = torch.linalg.solve(g, raw)
-    assert rel_err(precond.layers[0].grad_matrix(), expected) < 1e-4
+    assert rel_err(precond.blocks[0].grad_matrix(), expected) < 1e-4
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
