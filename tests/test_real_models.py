@@ -133,7 +133,8 @@ def test_transformer_encoder(fisher_type, approx):
     vocab, d = 12, 16
     model = nn.Sequential(
         nn.Embedding(vocab, d),
-        nn.TransformerEncoder(nn.TransformerEncoderLayer(d, 2, 32, dropout=0.0, batch_first=True, norm_first=True), 2),
+        nn.TransformerEncoder(nn.TransformerEncoderLayer(d, 2, 32, dropout=0.0, batch_first=True, norm_first=True), 2,
+                              enable_nested_tensor=False),
         nn.Linear(d, vocab),
     ).double()
     ids, targets = torch.randint(0, vocab, (4, 7)), torch.randint(0, vocab, (4, 7))
