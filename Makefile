@@ -1,5 +1,6 @@
 # One-command set-up on a fresh machine: a venv, torch (pinned), the build tools, the extension.
-#   make demo    the main job: K-FAC vs SGD vs Adam on the digits data (table + plot)
+#   make demo    the main job: K-FAC vs SGD vs Adam on the digits data, and K-FAC vs AdamW on a
+#                character-level transformer (tables + plots)
 #   make test    build + the test suite (CPU; CUDA tests too when a GPU is present)
 #   make bench   quick benchmarks: ops and whole step, native vs pure-PyTorch reference
 # KFAC_EXT_WITH_CUDA=AUTO|ON|OFF picks the CUDA kernels (AUTO: iff torch is a CUDA build and
@@ -33,6 +34,7 @@ bench: build
 
 demo: build
 	$(PY) bench/demo.py
+	$(PY) bench/demo_text.py
 
 clean:
 	rm -rf build $(VENV)
