@@ -671,13 +671,9 @@ def test_adaptive_damping_falls_when_the_quadratic_model_is_exact():
     model = nn.Linear(6, 3).double()
     x, y = torch.randn(32, 6, dtype=F64), torch.randn(32, 3, dtype=F64)
     opt, closure = _adaptive(model, F.mse_loss, x, y, lr=0.5, loss="mse", damping=1e-3)
-    for step in range(5):
-        gamma = opt.preconditioner.damping
-        before = opt.step(closure).item()
-        with torch.no_grad():
-            after = F.mse_loss(model(x), y).item()
+    for step, (gamma, new_gamma, before, after) in enumerate(_damping_steps(opt, closure, F.mse_loss, model, x, y, 5)):
         assert after < before, step
-        assert opt.preconditioner.damping < gamma, step
+        assert new_gamma < gamma, step
 
 
 def test_adaptive_damping_rises_when_steps_overshoot():
@@ -687,13 +683,19 @@ def test_adaptive_damping_rises_when_steps_overshoot():
     model = mlp(F64)
     x, y = batch(n=32, dtype=F64)
     opt, closure = _adaptive(model, F.cross_entropy, x, y, lr=1.0, loss="cross_entropy", damping=1e-4)
-    for step in range(3):
+    for step, (gamma, new_gamma, before, after) in enumerate(_damping_steps(opt, closure, F.cross_entropy, model, x, y, 3)):
+        assert after > before, f"setup: step {step} should overshoot ({before:.3g} -> {after:.3g})"
+        assert new_gamma > gamma, step
+
+
+def _damping_steps(opt, closure, loss_fn, model, x, y, steps: int):
+    """Per step: (damping before, damping after, loss before, loss after)."""
+    for _ in range(steps):
         gamma = opt.preconditioner.damping
         before = opt.step(closure).item()
         with torch.no_grad():
-            after = F.cross_entropy(model(x), y).item()
-        assert after > before, f"setup: step {step} should overshoot ({before:.3g} -> {after:.3g})"
-        assert opt.preconditioner.damping > gamma, step
+            after = loss_fn(model(x), y).item()
+        yield gamma, opt.preconditioner.damping, before, after
 
 
 class Shift(nn.Module):
