@@ -294,9 +294,7 @@ class KFACPreconditioner:
     def _model_pre_hook(self, module, inputs):
         if not self._capturing():
             return
-        if self._pending_step != self.steps:  # left over from a step that never ran
-            self._clear_pending()
-        elif self.grad_scaler is not None and self._forwards >= self.grad_accumulation_steps:
+        if self.grad_scaler is not None and self._forwards >= self.grad_accumulation_steps:
             # A full step's micro-batches and no step(): the scaler skipped it (an overflow).
             self.stats["discarded_micro_batches"] += self._forwards
             self._clear_pending()
@@ -459,7 +457,6 @@ class KFACPreconditioner:
         if self._is_factor_step():
             self._flush()
             self._update_factors()
-        self._clear_pending()
         if self._a and (self._inv.keys() != self._a.keys() or self.steps % max(1, int(_value(self.inv_update_steps, self.steps))) == 0):
             self._update_inverses()
         self._precondition(grads)
@@ -481,7 +478,6 @@ class KFACPreconditioner:
     def _finish_step(self) -> None:
         self._clear_pending()
         self.steps += 1
-        self._pending_step = self.steps
 
     def _check_model_unchanged(self) -> None:
         count = sum(1 for _ in self.model.modules())
@@ -775,7 +771,6 @@ class KFACPreconditioner:
         self._g_count: dict[str, int] = {}
         self._forwards = 0  # captured forwards (micro-batches) of this step
         self._nonfinite_capture = False  # a captured output was not finite: skip this update
-        self._pending_step = self.steps
 
 
 def _check_choice(name: str, value, choices) -> None:
