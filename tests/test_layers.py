@@ -612,3 +612,17 @@ def test_an_expert_with_no_tokens_keeps_its_factors():
     assert torch.equal(opt.preconditioner.factors()["experts.1"][0], a_before)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert opt.preconditioner.stats["factor_updates"] == 2
+
+
+def test_a_module_used_twice_is_weight_sharing_not_tying():
+    """The same Linear applied twice (one module, two names) is preconditioned, its hooks seeing
+    both uses; the same Parameter in two modules is tying, left to the base optimizer."""
+    shared = nn.Linear(3, 3).double()
+    model = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(3, 2).double())
+    precond = KFACPreconditioner(model, "cross_entropy", factor_dtype=F64)
+    assert [b.name for b in precond.blocks] == ["0", "3"]
+    x, y = torch.randn(4, 3, dtype=F64), torch.randint(0, 2, (4,))
+    F.cross_entropy(model(x), y).backward()
+    precond.step()
+    rows = ones_col(torch.cat([x, torch.tanh(shared(x)).detach()]))  # both uses: 8 rows
+    torch.testing.assert_close(precond.factors()["0"][0], rows.T @ rows / 8, rtol=1e-12, atol=1e-14)

@@ -62,13 +62,14 @@ def _skipped(name: str, module: nn.Module, skip) -> bool:
     return False
 
 
-def _owners(model: nn.Module) -> dict[int, list[str]]:
-    """``id(parameter)`` -> names of the modules that hold it directly (two or more: tied)."""
-    owners: dict[int, list[str]] = {}
+def _owners(model: nn.Module) -> dict[int, dict[int, str]]:
+    """``id(parameter)`` -> ``{id(module): name}`` of the modules that hold it directly: two or
+    more modules means tied weights (one module reused in two places is weight sharing, which
+    K-FAC handles: its hooks see every use)."""
+    owners: dict[int, dict[int, str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         for p in module.parameters(recurse=False):
-            if name not in owners.setdefault(id(p), []):
-                owners[id(p)].append(name)
+            owners.setdefault(id(p), {}).setdefault(id(module), name)
     return owners
 
 
@@ -89,7 +90,7 @@ def _module_reason(name, module, kind, approx, skip, owners) -> str | None:
     if reason is not None:
         return reason
     for p in module.parameters(recurse=False):
-        tied = [o for o in owners[id(p)] if o != name]
+        tied = [o for m, o in owners[id(p)].items() if m != id(module)]
         if tied and p.requires_grad:
             return f"shares a parameter with {', '.join(tied)} (tied weights)"
     return None
@@ -116,26 +117,23 @@ def find_blocks(
         if reason is not None:
             reg.others.append((name, reason))
             continue
-        blocks = []
+        blocks, too_large_seen = [], False
         for block in kind.blocks(name, module, approx):
-            too_large = _too_large(block, max_factor_dim)
             if not block.weight.requires_grad:
                 continue
+            too_large = _too_large(block, max_factor_dim)
+            too_large_seen |= too_large is not None
             if too_large:
                 reg.others.append((block.name, too_large))
             else:
                 blocks.append(block)
+        if not blocks:
+            if not too_large_seen:
+                reg.others.append((name, "weight is frozen"))
+            continue
         covered = {id(p) for b in blocks for p in b.params()}
-        uncovered = [(n, p) for n, p in module.named_parameters() if p.requires_grad and id(p) not in covered]
-        if not blocks and not _too_large_any(kind, name, module, approx, max_factor_dim):
-            reg.others.append((name, "weight is frozen"))
-        elif blocks:
-            reg.others += [(f"{name}.{n}" if name else n, "not part of a K-FAC block") for n, _ in uncovered]
-        if blocks:
-            reg.blocks += blocks
-            reg.installs.append((kind, module, blocks))
+        reg.others += [(f"{name}.{n}" if name else n, "not part of a K-FAC block")
+                       for n, p in module.named_parameters() if p.requires_grad and id(p) not in covered]
+        reg.blocks += blocks
+        reg.installs.append((kind, module, blocks))
     return reg
-
-
-def _too_large_any(kind, name, module, approx, max_factor_dim) -> bool:
-    return any(_too_large(b, max_factor_dim) for b in kind.blocks(name, module, approx))

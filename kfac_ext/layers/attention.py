@@ -128,10 +128,8 @@ class MultiheadAttention(LayerKind):
         blocks = []
         for i, side in enumerate("qkv"):
             weight = module.in_proj_weight if packed else getattr(module, f"{side}_proj_weight")
-            if weight.requires_grad:
-                blocks.append(ProjectionBlock(f"{name}.{side}" if name else side, module, weight, i, packed, approx))
-        if module.out_proj.weight.requires_grad:
-            blocks.append(LinearBlock(f"{name}.out_proj" if name else "out_proj", module.out_proj, approx))
+            blocks.append(ProjectionBlock(f"{name}.{side}" if name else side, module, weight, i, packed, approx))
+        blocks.append(LinearBlock(f"{name}.out_proj" if name else "out_proj", module.out_proj, approx))
         return blocks
 
     @classmethod
