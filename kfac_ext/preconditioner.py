@@ -375,34 +375,34 @@ class KFACPreconditioner:
             self._forwards = max(0, self._forwards - 1)
             return
         by_name = {b.name: b for b in self.blocks}
-        a_items, g_items = [], []
-        # Blocks that saw the same inputs and read them alike (q, k, v of self-attention) share
-        # one Σ ā āᵀ: the key says so.
-        for name, xs in self._pending_a.items():
-            block = by_name[name]
-            key = (tuple(id(x) for x in xs), type(block).activation_rows, block.approx, block.has_bias, block.a_dim)
-            a_items.append((block, key, xs))
-        for name, chunks in self._pending_g.items():
-            g_items.append((by_name[name], chunks))
+        a_items = [(by_name[name], xs) for name, xs in self._pending_a.items()]
+        g_items = [(by_name[name], chunks) for name, chunks in self._pending_g.items()]
         self._pending_a, self._pending_g = {}, {}
         self._reduce_activations(a_items)
         self._reduce_gradients(g_items)
 
     def _reduce_activations(self, items) -> None:
         dense, same_rows = [], []  # blocks with rows of their own / rows another block has too
-        firsts: dict[tuple, Block] = {}
-        for block, key, xs in items:
+        firsts: dict[tuple, tuple[Block, int]] = {}
+        for block, xs in items:
+            # Blocks that saw the same inputs and read them alike (q, k, v of self-attention)
+            # have the same rows: they are built, and Σ ā āᵀ reduced, once.
+            key = (tuple(id(x) for x in xs), type(block).activation_rows, block.approx, block.has_bias, block.a_dim)
+            if key in firsts:
+                first, count = firsts[key]
+                if count:
+                    self._a_rows[block.name] = self._a_rows.get(block.name, 0) + count
+                    same_rows.append((block, first))
+                continue
             rows = _cat([block.activation_rows(x) for x in xs])
+            firsts[key] = (block, rows.shape[0])
             if rows.shape[0] == 0:  # e.g. an expert no token was routed to
                 continue
             self._a_rows[block.name] = self._a_rows.get(block.name, 0) + rows.shape[0]
             if block.a_diagonal:
                 counts = torch.bincount(rows, minlength=block.a_dim).to(self.factor_dtype)
                 _accumulate(self._a_sum, block.name, counts)
-            elif key in firsts:
-                same_rows.append((block, firsts[key]))
             else:
-                firsts[key] = block
                 dense.append((block, rows))
         sums: dict[str, Tensor] = {}
         for batch in _by_budget(dense, lambda item: item[1]):
@@ -422,7 +422,6 @@ class KFACPreconditioner:
             self._factor_update(sums, [g for _, (g, _) in batch], [w for _, (_, w) in batch], [False] * len(batch))
             for (block, _), total in zip(batch, sums):
                 _accumulate(self._g_sum, block.name, total)
-                self._g_count[block.name] = self._g_count.get(block.name, 0) + 1
 
     def _factor_update(self, factors, xs, scales, append_ones) -> None:
         """``factors[i] = scales[i] · x̄ᵀx̄``, one native call per activation dtype."""
@@ -494,9 +493,18 @@ class KFACPreconditioner:
 
     def _update_factors(self) -> None:
         have = [b for b in self.blocks if b.name in self._a_sum and b.name in self._g_sum]
-        if self._nonfinite_capture or (self._dist is not None and len(have) != len(self.blocks)):
-            self._skip_factor_update()
+        if self._nonfinite_capture:
+            if self._dist is not None:  # the other ranks wait for this rank's vote
+                self._dist.all_finite(False)
+            self.stats["skipped_factor_updates"] += 1
             return
+        if self._dist is not None and len(have) != len(self.blocks):
+            missing = [b.name for b in self.blocks if b not in have]
+            raise RuntimeError(
+                f"KFACPreconditioner: blocks {missing} captured no statistics in this step; with "
+                "more than one rank every block must run in every factor-update step (pass the "
+                "others in skip_layers)"
+            )
         if not have:
             self._no_statistics()
             return
@@ -518,18 +526,6 @@ class KFACPreconditioner:
         if self._dist is not None:  # mean over the ranks
             self._dist.average_factors([self._a[b.name] for b in have] + [self._g[b.name] for b in have])
         self.stats["factor_updates"] += 1
-
-    def _skip_factor_update(self) -> None:
-        if self._dist is not None and not self._nonfinite_capture:
-            missing = [b.name for b in self.blocks if b.name not in self._a_sum or b.name not in self._g_sum]
-            raise RuntimeError(
-                f"KFACPreconditioner: blocks {missing} captured no statistics in this step; with "
-                "more than one rank every block must run in every factor-update step (pass the "
-                "others in skip_layers)"
-            )
-        if self._dist is not None:  # the other ranks wait for this rank's vote
-            self._dist.all_finite(False)
-        self.stats["skipped_factor_updates"] += 1
 
     def _no_statistics(self) -> None:
         """A factor-update step that captured nothing: fine once factors exist (they stay as they
@@ -768,7 +764,6 @@ class KFACPreconditioner:
         self._a_sum: dict[str, Tensor] = {}  # this step's reduced micro-batches
         self._a_rows: dict[str, int] = {}
         self._g_sum: dict[str, Tensor] = {}
-        self._g_count: dict[str, int] = {}
         self._forwards = 0  # captured forwards (micro-batches) of this step
         self._nonfinite_capture = False  # a captured output was not finite: skip this update
 

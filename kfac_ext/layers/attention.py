@@ -59,8 +59,8 @@ def _pop(tap: _Tap) -> None:
 
 
 class ProjectionBlock(LinearBlock):
-    """Rows ``[offset, offset + E)`` of ``in_proj_weight`` / ``in_proj_bias``, or a separate
-    ``q/k/v_proj_weight`` (``offset`` None) with its slice of ``in_proj_bias``."""
+    """Rows ``rows`` (the ``index``-th ``E`` rows) of ``in_proj_weight`` and ``in_proj_bias``, or
+    a separate ``q/k/v_proj_weight`` (not ``packed``) with its rows of ``in_proj_bias``."""
 
     def __init__(self, name: str, module: nn.MultiheadAttention, weight: nn.Parameter, index: int, packed: bool,
                  approx: str = "expand"):
@@ -71,8 +71,7 @@ class ProjectionBlock(LinearBlock):
         self.weight = weight
         bias = module.in_proj_bias
         self.bias = bias if bias is not None and bias.requires_grad else None
-        self.g_dim = e
-        self.a_dim = weight.shape[1] + int(self.has_bias)
+        self._set_dims()
 
     def weight_view(self, t: Tensor) -> Tensor:
         return t[self.rows] if self.packed else t
@@ -84,8 +83,8 @@ class ProjectionBlock(LinearBlock):
 class _Tap:
     """Reports the ``F.linear`` calls of one attention forward to ``record``."""
 
-    def __init__(self, module: nn.MultiheadAttention, projections: list[ProjectionBlock], out_block, record: Record):
-        self.module, self.projections, self.out_block, self.record = module, projections, out_block, record
+    def __init__(self, projections: list[ProjectionBlock], out_block, record: Record):
+        self.projections, self.out_block, self.record = projections, out_block, record
         self.seq_shape = (0, 0)  # (L, B) of this forward's query, sequence-first
 
     def see(self, input: Tensor, weight: Tensor, out: Tensor) -> None:
@@ -140,7 +139,7 @@ class MultiheadAttention(LayerKind):
     def install(cls, module, blocks, record):
         projections = [b for b in blocks if isinstance(b, ProjectionBlock)]
         out = [b for b in blocks if not isinstance(b, ProjectionBlock)]
-        tap = _Tap(module, projections, out[0] if out else None, record)
+        tap = _Tap(projections, out[0] if out else None, record)
 
         def pre_hook(m, args, kwargs):
             query = args[0] if args else kwargs["query"]

@@ -34,8 +34,8 @@ KFAC_APPROXIMATIONS = ("expand", "reduce")
 
 
 class Block:
-    """One Kronecker block. Subclasses set ``weight``, ``bias`` (None when absent or frozen),
-    ``a_dim`` and ``g_dim`` and implement the ``*_rows`` and ``*_view`` methods.
+    """One Kronecker block. Subclasses implement the ``*_rows`` and ``*_view`` methods; ``g_dim``
+    and ``a_dim`` follow from ``weight_view`` of the weight (and the bias).
 
     Attributes:
         name: unique, the module's name (plus a suffix when a module has several blocks).
@@ -51,7 +51,11 @@ class Block:
         self.weight: nn.Parameter = module.weight
         bias = getattr(module, "bias", None)
         self.bias: nn.Parameter | None = bias if bias is not None and bias.requires_grad else None
-        self.a_dim = self.g_dim = 0
+        self._set_dims()
+
+    def _set_dims(self) -> None:
+        self.g_dim, fan_in = self.weight_view(self.weight).shape
+        self.a_dim = fan_in + int(self.has_bias)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, A {self.a_dim}, G {self.g_dim})"

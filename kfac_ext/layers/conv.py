@@ -12,11 +12,6 @@ from .base import Block, LayerKind, positions_rows
 
 
 class ConvBlock(Block):
-    def __init__(self, name: str, module: nn.Module, approx: str = "expand"):
-        super().__init__(name, module, approx)
-        self.g_dim = self.weight.shape[0]
-        self.a_dim = self.weight[0].numel() + int(self.has_bias)
-
     def _patches(self, x: Tensor) -> Tensor:
         """``[N, L, C·k…]`` im2col patches (Conv1d as a Conv2d of height 1)."""
         m = self.module

@@ -15,7 +15,6 @@ class EmbeddingBlock(Block):
 
     def __init__(self, name: str, module: nn.Module, approx: str = "expand"):
         super().__init__(name, module, "expand")
-        self.a_dim, self.g_dim = self.weight.shape
 
     def activation_rows(self, x: Tensor) -> Tensor:
         """The token ids, one per row (A's diagonal counts them)."""

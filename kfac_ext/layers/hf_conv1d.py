@@ -4,18 +4,13 @@ that transformers need not be installed."""
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from .base import LayerKind
 from .linear import LinearBlock
 
 
 class HFConv1DBlock(LinearBlock):
-    def __init__(self, name: str, module: nn.Module, approx: str = "expand"):
-        super(LinearBlock, self).__init__(name, module, approx)
-        fan_in, self.g_dim = self.weight.shape
-        self.a_dim = fan_in + int(self.has_bias)
-
     def weight_view(self, t: Tensor) -> Tensor:
         return t.T
 

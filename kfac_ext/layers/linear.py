@@ -18,11 +18,6 @@ def _as_examples(t: Tensor) -> Tensor:
 
 
 class LinearBlock(Block):
-    def __init__(self, name: str, module: nn.Module, approx: str = "expand"):
-        super().__init__(name, module, approx)
-        self.g_dim, fan_in = self.weight.shape
-        self.a_dim = fan_in + int(self.has_bias)
-
     def activation_rows(self, x: Tensor) -> Tensor:
         return positions_rows(_as_examples(x), self.approx, Tensor.mean)
 
