@@ -224,7 +224,7 @@ def _(factors):
 
 @torch.library.register_fake("kfac_ext::kron_matmul")
 def _(lefts, mats, rights):
-    return [c.new_empty((l.shape[0], r.shape[0])) for l, c, r in zip(lefts, mats, rights)]
+    return [c.new_empty((*c.shape[:-2], l.shape[-2], r.shape[-2])) for l, c, r in zip(lefts, mats, rights)]
 
 
 @torch.library.register_fake("kfac_ext::precondition_eigen")

@@ -99,7 +99,7 @@ def _eigen_one(factor: Tensor) -> tuple[Tensor, Tensor, int]:
 def kron_matmul(
     lefts: Sequence[Tensor], mats: Sequence[Tensor], rights: Sequence[Tensor]
 ) -> list[Tensor]:
-    return [(l @ c.to(l.dtype) @ r.T).to(c.dtype) for l, c, r in zip(lefts, mats, rights)]
+    return [(l @ c.to(l.dtype) @ r.mT).to(c.dtype) for l, c, r in zip(lefts, mats, rights)]
 
 
 def precondition_inverse(
@@ -121,7 +121,7 @@ def precondition_eigen(
     for qg, lg, grad, qa, la, gamma in zip(
         g_eigenvectors, g_eigenvalues, grads, a_eigenvectors, a_eigenvalues, damping
     ):
-        rotated = qg.T @ grad.to(qg.dtype) @ qa
-        rotated = rotated / (lg[:, None] * la[None, :] + gamma)
-        out.append((qg @ rotated @ qa.T).to(grad.dtype))
+        rotated = qg.mT @ grad.to(qg.dtype) @ qa
+        rotated = rotated / (lg.unsqueeze(-1) * la.unsqueeze(-2) + gamma)
+        out.append((qg @ rotated @ qa.mT).to(grad.dtype))
     return out

@@ -72,6 +72,31 @@ def test_kron_matmul_many_layers_and_reference(device, mat_dtype, dtype):
         assert rel_err(out, ref) < tol(dtype, mat_dtype)
 
 
+@pytest.mark.parametrize("mat_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kron_matmul_batched_entries(device, mat_dtype, dtype):
+    """An entry may be a batch of same-shape layers ([k, m, p] etc., one batched GEMM), next to
+    plain 2-D entries in the same call; each batch element is its own layer."""
+    shapes = [(3, 5, 4, 2), (1, 1, 1, 1), (17, 9, 65, 3)]
+    batch = [4, 1, 3]
+    lefts = [torch.randn(k, m, p, dtype=dtype, device=device) for k, (m, p, _, _) in zip(batch, shapes)]
+    mats = [torch.randn(k, p, q, device=device).to(mat_dtype) for k, (_, p, q, _) in zip(batch, shapes)]
+    rights = [torch.randn(k, n, q, dtype=dtype, device=device) for k, (_, _, q, n) in zip(batch, shapes)]
+    lefts.append(torch.randn(6, 7, dtype=dtype, device=device))
+    mats.append(torch.randn(7, 8, device=device).to(mat_dtype))
+    rights.append(torch.randn(5, 8, dtype=dtype, device=device))
+    outs = ops.kron_matmul(lefts, mats, rights)
+    refs = reference.kron_matmul(lefts, mats, rights)
+    for l, c, r, out, ref in zip(lefts, mats, rights, outs, refs):
+        expected = l.double() @ c.double() @ r.double().mT
+        assert out.shape == expected.shape and out.dtype == mat_dtype
+        assert rel_err(out, expected) < tol(dtype, mat_dtype)
+        assert rel_err(out, ref) < tol(dtype, mat_dtype)
+        for k in range(c.dim() == 3 and c.shape[0]):  # each batch element equals its own layer
+            (alone,) = ops.kron_matmul([l[k]], [c[k]], [r[k]])
+            assert rel_err(out[k], alone) < tol(dtype, mat_dtype)
+
+
 # ---- preconditioners -----------------------------------------------------------------------------
 
 
@@ -119,6 +144,27 @@ def test_precondition_eigen(device, grad_dtype, dtype):
         assert rel_err(out, ref) < tol(dtype, grad_dtype)
 
 
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_precondition_eigen_batched_entry(device, grad_dtype, dtype):
+    """A batch of k same-shape layers in one entry: eigenvalues [k, n], eigenvectors [k, n, n]."""
+    k, out_dim, in_dim = 3, 7, 10
+    gs = [random_spd(out_dim, dtype, device) for _ in range(k)]
+    as_ = [random_spd(in_dim, dtype, device) for _ in range(k)]
+    grads = torch.randn(k, out_dim, in_dim, device=device).to(grad_dtype)
+    values, vectors, status = ops.eigen_decompose(gs + as_)
+    assert (status == Status.OK).all()
+    stack = torch.stack
+    args = ([stack(vectors[:k])], [stack(values[:k])], [grads], [stack(vectors[k:])], [stack(values[k:])], 0.05)
+    (out,) = ops.precondition_eigen(*args)
+    (ref,) = reference.precondition_eigen(*args)
+    assert out.shape == grads.shape and out.dtype == grad_dtype
+    for j in range(k):
+        expected = dense_kron_solve(gs[j], as_[j], grads[j], 0.05)
+        assert rel_err(out[j], expected) < max(SOLVE_TOL[dtype], TOL[grad_dtype])
+    assert rel_err(out, ref) < tol(dtype, grad_dtype)
+
+
 def test_precondition_eigen_clamped_psd(device):
     """A rank-deficient G (fewer samples than its size): damping keeps the solve well posed."""
     x = torch.randn(3, 8, dtype=torch.float64, device=device)
@@ -140,6 +186,10 @@ def test_opcheck_kron_matmul(device, mat_dtype):
     lefts = [torch.randn(m, p, device=device) for m, p, _, _ in shapes]
     mats = [torch.randn(p, q, device=device).to(mat_dtype) for _, p, q, _ in shapes]
     rights = [torch.randn(n, q, device=device) for _, _, q, n in shapes]
+    # and a batched entry (two same-shape layers), whose fake must keep the batch dim
+    lefts.append(torch.randn(2, 4, 3, device=device))
+    mats.append(torch.randn(2, 3, 5, device=device).to(mat_dtype))
+    rights.append(torch.randn(2, 6, 5, device=device))
     torch.library.opcheck(torch.ops.kfac_ext.kron_matmul, (lefts, mats, rights))
 
 
@@ -180,12 +230,14 @@ def eigen_kwargs(device):
 
 
 BAD_KRON = {
-    "1-D left": ("lefts", 1, lambda t: t[0], r"kron_matmul: lefts\[1\] must be 2-D"),
-    "3-D mat": ("mats", 0, lambda t: t[None], r"kron_matmul: mats\[0\] must be 2-D"),
+    "1-D left": ("lefts", 1, lambda t: t[0], r"kron_matmul: lefts\[1\] has shape \[3\] but layer 1's gradient has shape \[3, 4\]; it must be 2-D"),
+    "4-D mat": ("mats", 0, lambda t: t[None, None], r"kron_matmul: layer 0: the gradient must be 2-D \(a layer\) or 3-D"),
+    "batched mat, one left": ("mats", 0, lambda t: t[None], r"kron_matmul: lefts\[0\] has shape .* it must be 3-D with the same leading batch size"),
+    "batch sizes differ": ("lefts", 1, lambda t: t.expand(2, *t.shape).contiguous(), r"kron_matmul: lefts\[1\] has shape \[2, 4, 3\] but layer 1's gradient has shape \[3, 4\]"),
     "left/mat mismatch": ("lefts", 1, lambda t: torch.randn(4, 2, device=t.device),
-                          r"kron_matmul: layer 1: lefts.size\(1\) is 2 but must be 3"),
+                          r"kron_matmul: layer 1: lefts.size\(-1\) is 2 but must be 3"),
     "right/mat mismatch": ("rights", 0, lambda t: torch.randn(6, 4, device=t.device),
-                           r"kron_matmul: layer 0: rights.size\(1\) is 4 but must be 5"),
+                           r"kron_matmul: layer 0: rights.size\(-1\) is 4 but must be 5"),
     "mats too short": ("mats", None, lambda ts: ts[:1], r"kron_matmul: mats has 1 entries but lefts has 2"),
     "rights too long": ("rights", None, lambda ts: ts + ts[:1], r"kron_matmul: rights has 3 entries but lefts has 2"),
     "int mat": ("mats", 1, lambda t: t.to(torch.int32), r"kron_matmul: mats\[1\] must be float32, float64, bfloat16 or float16, got Int"),
@@ -207,16 +259,16 @@ def test_kron_matmul_bad_input(device, case):
 
 BAD_EIGEN = {
     "g eigenvalues too short": ("g_eigenvalues", 1, lambda t: t[:1], RuntimeError,
-                                r"precondition_eigen: layer 1: g_eigenvalues.size\(0\) is 1 but must be 2"),
+                                r"precondition_eigen: layer 1: g_eigenvalues.size\(-1\) is 1 but must be 2"),
     "a eigenvalues too long": ("a_eigenvalues", 0, lambda t: torch.rand(5, device=t.device), RuntimeError,
-                               r"precondition_eigen: layer 0: a_eigenvalues.size\(0\) is 5 but must be 4"),
+                               r"precondition_eigen: layer 0: a_eigenvalues.size\(-1\) is 5 but must be 4"),
     "a eigenvectors wrong size": ("a_eigenvectors", 1, lambda t: random_orthogonal(4, torch.float32, t.device), RuntimeError,
-                                  r"precondition_eigen: layer 1: a_eigenvectors.size\(0\) is 4 but must be 5"),
+                                  r"precondition_eigen: layer 1: a_eigenvectors.size\(-2\) is 4 but must be 5"),
     "non-square eigenvectors": ("g_eigenvectors", 1, lambda t: t[:1].contiguous(), RuntimeError,
-                                r"precondition_eigen: g_eigenvectors\[1\] must be square"),
+                                r"precondition_eigen: layer 1: g_eigenvectors.size\(-2\) is 1 but must be 2"),
     "2-D eigenvalues": ("a_eigenvalues", 1, lambda t: t[None], RuntimeError,
-                        r"precondition_eigen: a_eigenvalues\[1\] must be 1-D"),
-    "1-D grad": ("grads", 0, lambda t: t[0], RuntimeError, r"precondition_eigen: grads\[0\] must be 2-D"),
+                        r"precondition_eigen: a_eigenvalues\[1\] has shape \[1, 5\] but layer 1's gradient has shape \[2, 5\]; it must be 1-D"),
+    "1-D grad": ("grads", 0, lambda t: t[0], RuntimeError, r"precondition_eigen: layer 0: the gradient must be 2-D \(a layer\) or 3-D"),
     "list lengths": ("a_eigenvalues", None, lambda ts: ts[:1], RuntimeError,
                      r"precondition_eigen: a_eigenvalues has 1 entries but grads has 2"),
     "damping too long": ("damping", None, lambda d: d + [0.1], ValueError, r"damping has 3 entries but there are 2 layers"),

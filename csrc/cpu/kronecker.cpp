@@ -1,5 +1,6 @@
-// Kronecker-factored products on CPU: ATen GEMMs per layer, layers in parallel when small, and
-// the eigenbasis division fused into one pass over the rotated gradient.
+// Kronecker-factored products on CPU: ATen GEMMs per entry (a layer, or a batch of same-shape
+// layers as one batched GEMM), entries in parallel when small, and the eigenbasis division fused
+// into one pass over the rotated gradient.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
@@ -16,24 +17,29 @@ namespace {
 double largest_layer_flops(at::TensorList mats) {
   double largest = 0;
   for (const at::Tensor& c : mats) {
-    const double m = static_cast<double>(c.size(0)), n = static_cast<double>(c.size(1));
-    largest = std::max(largest, 2.0 * m * n * (m + n));
+    const double m = static_cast<double>(c.size(-2)), n = static_cast<double>(c.size(-1));
+    const double batch = c.dim() == 3 ? static_cast<double>(c.size(0)) : 1.0;
+    largest = std::max(largest, 2.0 * batch * m * n * (m + n));
   }
   return largest;
 }
 
-// rotated[i, j] /= g_eigenvalues[i] * a_eigenvalues[j] + damping, in place, one pass.
+// rotated[b, i, j] /= g_eigenvalues[b, i] * a_eigenvalues[b, j] + damping, in place, one pass
+// (b over the batch of a batched entry; rotated is contiguous).
 void divide_by_damped_eigenvalues(const at::Tensor& rotated, const at::Tensor& g_eigenvalues,
                                   const at::Tensor& a_eigenvalues, double damping) {
   AT_DISPATCH_FLOATING_TYPES(rotated.scalar_type(), "precondition_eigen", [&] {
-    scalar_t* t = rotated.data_ptr<scalar_t>();
-    const scalar_t* lg = g_eigenvalues.data_ptr<scalar_t>();
-    const scalar_t* la = a_eigenvalues.data_ptr<scalar_t>();
-    const int64_t rows = rotated.size(0), cols = rotated.size(1);
+    const int64_t batch = rotated.dim() == 3 ? rotated.size(0) : 1;
+    const int64_t rows = rotated.size(-2), cols = rotated.size(-1);
     const auto gamma = static_cast<scalar_t>(damping);
-    for (int64_t i = 0; i < rows; ++i) {
-      scalar_t* row = t + i * cols;
-      for (int64_t j = 0; j < cols; ++j) row[j] /= lg[i] * la[j] + gamma;
+    for (int64_t b = 0; b < batch; ++b) {
+      scalar_t* t = rotated.data_ptr<scalar_t>() + b * rows * cols;
+      const scalar_t* lg = g_eigenvalues.data_ptr<scalar_t>() + b * rows;
+      const scalar_t* la = a_eigenvalues.data_ptr<scalar_t>() + b * cols;
+      for (int64_t i = 0; i < rows; ++i) {
+        scalar_t* row = t + i * cols;
+        for (int64_t j = 0; j < cols; ++j) row[j] /= lg[i] * la[j] + gamma;
+      }
     }
   });
 }
