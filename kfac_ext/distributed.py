@@ -335,7 +335,7 @@ class DistributedContext:
         return results, status.tolist()
 
     def _broadcast_results(self, results: list[tuple], factors: list[Tensor]) -> None:
-        cholesky = self.precond.inversion == "cholesky"
+        cholesky = self.precond._inverse_form  # (inverse,) per factor, packed as a triangle
         dtype, device = self.precond.inv_dtype, factors[0].device
         pending = []
         for src in range(self.world_size):

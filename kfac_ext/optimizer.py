@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .preconditioner import KFACPreconditioner, Schedule, _value
+from .preconditioner import KFACPreconditioner, Schedule, _all_finite, _value
 
 __all__ = ["KFAC"]
 
@@ -84,13 +84,16 @@ class KFAC(torch.optim.SGD):
             raise ValueError("adaptive_damping adapts a number: pass damping as a float")
         self.preconditioner = KFACPreconditioner(model, lr=self._kfac_lr, **preconditioner_kwargs)
         self._check_params_cover_blocks()
+        self._block_params = {id(p) for b in self.preconditioner.blocks for p in b.params()}
         self.adaptive_damping = adaptive_damping
         self.adaptive_damping_interval = adaptive_damping_interval
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """Preconditions the gradients and takes the SGD step. A step whose gradients are not
-        finite changes no parameter (and is counted in ``preconditioner.stats``)."""
+        finite changes no parameter and no momentum buffer (and is counted in
+        ``preconditioner.stats``); that is decided on the device, so a step that updates no
+        factors and no inverses does not synchronize with it."""
         loss = None
         if self._lr_schedule is not None:
             for group in self.param_groups:
@@ -102,16 +105,48 @@ class KFAC(torch.optim.SGD):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self.preconditioner.step():
-            return loss
-        if not _all_finite(self.param_groups):
-            self.preconditioner.stats["nonfinite_grad_steps"] += 1
-            return loss
+        finite = self.preconditioner.step()
+        others = [p.grad for p in self._params() if p.grad is not None and id(p) not in self._block_params]
+        ok = finite & _all_finite(others) if others else finite
+        if others:
+            self.preconditioner._count_nonfinite(finite & ~ok)  # the preconditioner counted ~finite
         before = [p.detach().clone() for p in self._params()] if adapt else None
-        super().step()
-        if adapt:
+        self._sgd_step(ok)
+        if adapt and bool(ok):
             self._adapt_damping(float(loss.detach()), before, closure, rng)
         return loss
+
+    def _sgd_step(self, ok: torch.Tensor) -> None:
+        """``torch.optim.SGD``'s update, with its momentum buffers, taken only where the 0-d
+        ``ok`` is True: with ``ok`` False no parameter and no buffer changes. The gradient is
+        zeroed on the device, the buffer scaled by ``where(ok, μ, 1)``, and the step by ``ok``,
+        so skipping needs no host read."""
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            momentum, dampening = group["momentum"], group["dampening"]
+            grads = [p.grad for p in params]
+            if group["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            grads = [torch.where(ok, g, 0.0) for g in grads]
+            if momentum:
+                bufs, new_grads = [], []
+                for p, g in zip(params, grads):
+                    state = self.state[p]
+                    if state.get("momentum_buffer") is None:
+                        state["momentum_buffer"] = g.clone()  # zero if this step is skipped
+                    else:
+                        bufs.append(state["momentum_buffer"])
+                        new_grads.append(g)
+                if bufs:
+                    keep = torch.full((), momentum, dtype=torch.float64, device=ok.device)
+                    torch._foreach_mul_(bufs, torch.where(ok, keep, 1.0))
+                    torch._foreach_add_(bufs, new_grads, alpha=1 - dampening)
+                momenta = [self.state[p]["momentum_buffer"] for p in params]
+                grads = torch._foreach_add(grads, momenta, alpha=momentum) if group["nesterov"] else momenta
+            # the direction times 0 or 1 (exact), then torch's own `p += -lr * d`: bit for bit SGD
+            torch._foreach_add_(params, torch._foreach_mul(grads, ok.to(grads[0].dtype)), alpha=-group["lr"])
 
     def _params(self):
         return [p for group in self.param_groups for p in group["params"]]
@@ -211,8 +246,3 @@ def _set_rng_state(state: tuple) -> None:
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state(cuda, device)
-
-
-def _all_finite(param_groups) -> bool:
-    grads = [p.grad for group in param_groups for p in group["params"] if p.grad is not None]
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True

@@ -255,6 +255,8 @@ class KFACPreconditioner:
             factor_updates=0, inverse_updates=0, skipped_factor_updates=0, nonfinite_grad_steps=0,
             failed_inversions=0, fp64_retries=0, kl_clip_scale=1.0, discarded_micro_batches=0,
         )
+        self._inverse_form = inversion == "cholesky" or damping_mode != "eigen"
+        self._groups: dict[tuple, list] = {}  # shape groups of blocks with stacked inverses (see _grouped)
         self._a: dict[str, Tensor] = {}  # factors by block name (A of an embedding: its diagonal)
         self._g: dict[str, Tensor] = {}
         self._inv: dict[str, tuple] = {}  # per block: (A side, G side) inverse or (λ, Q)
@@ -271,6 +273,31 @@ class KFACPreconditioner:
             self._handles += kind.install(module, blocks, self._record)
         self._handles += [model.register_forward_pre_hook(Hook(self._model_pre_hook), prepend=True)]
         self._handles += [model.register_forward_hook(Hook(self._model_hook), with_kwargs=True)]
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counters (factor/inverse updates, skipped and non-finite steps, failed inversions,
+        float64 retries, discarded micro-batches) and the last KL-clip scale. Steps keep the
+        non-finite count and the clip scale on the device, so that they need not synchronize;
+        reading ``stats`` brings them to the host."""
+        if self._nonfinite_pending is not None:
+            self._stats["nonfinite_grad_steps"] += int(self._nonfinite_pending)
+            self._nonfinite_pending = None
+        if self._kl_scale is not None:
+            self._stats["kl_clip_scale"] = float(self._kl_scale)
+            self._kl_scale = None
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: dict[str, Any]) -> None:
+        self._stats = dict(value)
+        self._nonfinite_pending: Tensor | None = None  # non-finite steps not yet added to _stats
+        self._kl_scale: Tensor | None = None  # the last step's clip scale, not yet read
+
+    def _count_nonfinite(self, skipped: Tensor) -> None:
+        """Adds ``skipped`` (a 0-d bool on the device) to the non-finite step count, on the device."""
+        skipped = skipped.to(torch.int64)
+        self._nonfinite_pending = skipped if self._nonfinite_pending is None else self._nonfinite_pending + skipped
 
     # ---- capture ---------------------------------------------------------------------------
 
@@ -296,7 +323,7 @@ class KFACPreconditioner:
             return
         if self.grad_scaler is not None and self._forwards >= self.grad_accumulation_steps:
             # A full step's micro-batches and no step(): the scaler skipped it (an overflow).
-            self.stats["discarded_micro_batches"] += self._forwards
+            self._stats["discarded_micro_batches"] += self._forwards
             self._clear_pending()
         self._flush()
 
@@ -331,7 +358,7 @@ class KFACPreconditioner:
         s = float(m) if self.reduction == "mean" else 1.0
         w = 1.0 / m if self.reduction == "mean" else 1.0
         weight = w * (k * s) ** 2
-        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+        if self._scaled():
             weight /= float(self.grad_scaler.get_scale()) ** 2
         return weight
 
@@ -434,45 +461,49 @@ class KFACPreconditioner:
 
     # ---- step ------------------------------------------------------------------------------
 
-    def step(self) -> bool:
+    def step(self) -> Tensor:
         """Updates factors / inverses when due and rewrites ``.grad`` of every block that has
         inverses and a gradient (a block that did not run this step keeps ``.grad`` None).
 
-        Returns False when the gradients were non-finite: then the blocks' gradients are zeroed
-        (never NaN into parameters) — or, with a ``grad_scaler``, left for the scaler to see —
-        the step's statistics are dropped, and the step is counted in ``stats``.
+        Returns a 0-d bool tensor on the blocks' device: False when the gradients were not finite.
+        Then the blocks' gradients are zeroed (never NaN into parameters) — or, with a
+        ``grad_scaler``, left for the scaler to see — the step's statistics are dropped, and the
+        step is counted in ``stats``. A step that updates no factors and no inverses decides all
+        of this on the device and never synchronizes with it; reading the flag does.
         """
-        self._check_model_unchanged()
         grads = [b.grad_matrix() for b in self.blocks]
         self.last_raw_gradients = grads
         present = [g for g in grads if g is not None]
         if not present:
             raise RuntimeError("KFACPreconditioner.step(): no block has a gradient; call loss.backward() before step()")
-        finite = torch.stack([torch.isfinite(g).all() for g in present]).all()
+        finite = _all_finite(present)
         if self._dist is not None:  # all ranks skip together
             finite = self._dist.all_finite(finite)
-        if not bool(finite):
-            return self._nonfinite_step(grads)
         if self._is_factor_step():
+            self._check_model_unchanged()
+            if not bool(finite):  # a factor step reads the flag: the statistics depend on it
+                return self._nonfinite_step(grads, finite)
             self._flush()
             self._update_factors()
         if self._a and (self._inv.keys() != self._a.keys() or self.steps % max(1, int(_value(self.inv_update_steps, self.steps))) == 0):
             self._update_inverses()
-        self._precondition(grads)
+        self._precondition(grads, finite)
+        self._count_nonfinite(~finite)
         self._finish_step()
-        return True
+        return finite
 
-    def _nonfinite_step(self, grads) -> bool:
-        self.stats["nonfinite_grad_steps"] += 1  # every rank got the same flag: all skip alike
-        if self._is_factor_step():
-            self.stats["skipped_factor_updates"] += 1
-        scaled = self.grad_scaler is not None and self.grad_scaler.is_enabled()
-        if not scaled:
+    def _nonfinite_step(self, grads, finite: Tensor) -> Tensor:
+        self._count_nonfinite(~finite)  # every rank got the same flag: all skip alike
+        self._stats["skipped_factor_updates"] += 1
+        if not self._scaled():
             for block, g in zip(self.blocks, grads):
                 if g is not None:
                     block.set_grad(torch.zeros_like(g))
         self._finish_step()
-        return False
+        return finite
+
+    def _scaled(self) -> bool:
+        return self.grad_scaler is not None and self.grad_scaler.is_enabled()
 
     def _finish_step(self) -> None:
         self._clear_pending()
@@ -496,7 +527,7 @@ class KFACPreconditioner:
         if self._nonfinite_capture:
             if self._dist is not None:  # the other ranks wait for this rank's vote
                 self._dist.all_finite(False)
-            self.stats["skipped_factor_updates"] += 1
+            self._stats["skipped_factor_updates"] += 1
             return
         if self._dist is not None and len(have) != len(self.blocks):
             missing = [b.name for b in self.blocks if b not in have]
@@ -514,7 +545,7 @@ class KFACPreconditioner:
         if self._dist is not None:  # all ranks skip together
             finite = self._dist.all_finite(finite)
         if not bool(finite):
-            self.stats["skipped_factor_updates"] += 1
+            self._stats["skipped_factor_updates"] += 1
             return
         rho = float(_value(self.factor_decay, self.steps))
         for block, a, g in zip(have, a_steps, g_steps):
@@ -525,12 +556,12 @@ class KFACPreconditioner:
                     store[block.name] = new
         if self._dist is not None:  # mean over the ranks
             self._dist.average_factors([self._a[b.name] for b in have] + [self._g[b.name] for b in have])
-        self.stats["factor_updates"] += 1
+        self._stats["factor_updates"] += 1
 
     def _no_statistics(self) -> None:
         """A factor-update step that captured nothing: fine once factors exist (they stay as they
         are); before that K-FAC has no curvature at all, which is an error worth explaining."""
-        self.stats["skipped_factor_updates"] += 1
+        self._stats["skipped_factor_updates"] += 1
         why = ("the model is in eval mode" if not self.model.training else
                "its forwards ran under torch.no_grad() or precond.pause(), or no backward followed them")
         if self._a:
@@ -579,7 +610,8 @@ class KFACPreconditioner:
             a_new = self._accept(block, "A", status[i], results[i], previous[0], self._a[block.name])
             g_new = self._accept(block, "G", status[n + i], results[n + i], previous[1], self._g[block.name])
             self._inv[block.name] = (a_new, g_new)
-        self.stats["inverse_updates"] += 1
+        self._groups = {}
+        self._stats["inverse_updates"] += 1
 
     def _invert(self, factors: list[Tensor], damping: list[float]) -> tuple[list[tuple], list[int]]:
         """Per factor ``(inverse,)`` (cholesky) or ``(λ + damping, Q)`` (eigen), and its status;
@@ -593,24 +625,30 @@ class KFACPreconditioner:
                 results[i], status[i] = r, c
         for i, f in enumerate(factors):
             if f.dim() == 1:
-                results[i], status[i] = _invert_diagonal(f, damping[i], self.inversion)
+                results[i], status[i] = _invert_diagonal(f, damping[i], self._inverse_form)
         return results, status
 
     def _invert_dense(self, factors: list[Tensor], damping: list[float]) -> tuple[list[tuple], list[int]]:
+        """Per factor ``(inverse,)`` in the inverse form (cholesky, or eigen with factored
+        damping: ``Q diag(1 / (λ + d)) Qᵀ``, so that preconditioning takes 2 GEMMs per block,
+        not 4), else ``(λ + d, Q)``."""
         if self.inversion == "cholesky":
             inverses, status = self.ops.damped_inverse(factors, damping)
             results = [(inv,) for inv in inverses]
         else:
             values, vectors, status = self.ops.eigen_decompose(factors)
-            results = [(lam + d, q) for lam, q, d in zip(values, vectors, damping)]
+            if self._inverse_form:
+                results = [((q * (1.0 / (lam + d))) @ q.mT,) for lam, q, d in zip(values, vectors, damping)]
+            else:
+                results = [(lam + d, q) for lam, q, d in zip(values, vectors, damping)]
         return results, status.tolist()
 
     def _accept(self, block: Block, side: str, status: int, result: tuple, previous, factor: Tensor):
         if status == Status.OK_AFTER_FP64_RETRY:
-            self.stats["fp64_retries"] += 1
+            self._stats["fp64_retries"] += 1
         if status in (Status.OK, Status.OK_AFTER_FP64_RETRY):
             return result
-        self.stats["failed_inversions"] += 1
+        self._stats["failed_inversions"] += 1
         key = f"{block.name}.{side}"
         if key not in self._warned:
             self._warned.add(key)
@@ -623,55 +661,88 @@ class KFACPreconditioner:
             )
         if previous is not None:
             return previous
-        return _identity_inverse(factor.shape[0], factor.dim() == 1, self.inversion, self.inv_dtype, factor.device)
+        return _identity_inverse(factor.shape[0], factor.dim() == 1, self._inverse_form, self.inv_dtype, factor.device)
 
     # ---- preconditioning -------------------------------------------------------------------
 
-    def _precondition(self, grads: list[Tensor | None]) -> None:
+    def _precondition(self, grads: list[Tensor | None], finite: Tensor) -> None:
+        """Rewrites ``.grad`` of every block with a gradient: the clipped natural-gradient
+        direction where inverses exist, the raw gradient elsewhere; zeros (or, with a grad scaler,
+        the raw gradient) when ``finite`` is False. Decided on the device: no synchronization."""
         ready = [i for i, (b, g) in enumerate(zip(self.blocks, grads)) if g is not None and b.name in self._inv]
-        if not ready:
-            return  # no factors yet (e.g. the first step's factor update was skipped)
-        blocks = [self.blocks[i] for i in ready]
-        ready_grads = [grads[i] for i in ready]
-        if self._dist is not None and self._dist.shares_gradients:  # owners precondition, then broadcast
-            updates = self._dist.precondition(blocks, ready_grads)
-        else:
-            updates = self._apply_inverses(blocks, ready_grads)
-        nu = self._kl_clip_scale(updates, ready_grads)
-        for block, update in zip(blocks, updates):
-            block.set_grad(update * nu if nu != 1.0 else update)
+        if ready:
+            blocks = [self.blocks[i] for i in ready]
+            ready_grads = [grads[i] for i in ready]
+            if self._dist is not None and self._dist.shares_gradients:  # owners precondition, then broadcast
+                updates = self._dist.precondition(blocks, ready_grads)
+            else:
+                updates = self._apply_inverses(blocks, ready_grads)
+            nu = self._kl_clip_scale(updates, ready_grads)
+            for block, update, raw in zip(blocks, updates, ready_grads):
+                if nu is not None:
+                    update = update.mul_(nu)
+                block.set_grad(torch.where(finite, update, raw if self._scaled() else 0.0))
+        if not self._scaled():
+            ready_set = set(ready)
+            for i, (block, g) in enumerate(zip(self.blocks, grads)):
+                if g is not None and i not in ready_set:  # no inverses yet: the raw gradient, if finite
+                    block.set_grad(torch.where(finite, g, 0.0))
 
     def _apply_inverses(self, blocks: list[Block], grads: list[Tensor]) -> list[Tensor]:
-        """The preconditioned gradient of each of ``blocks`` (``grads`` in the same order)."""
+        """The preconditioned gradient of each of ``blocks`` (``grads`` in the same order); blocks
+        of one shape go through one batched GEMM per side (:meth:`_grouped`)."""
         gamma = float(_value(self.damping, self.steps)) if self.damping_mode == "eigen" else 0.0
-        dense = [i for i, b in enumerate(blocks) if not b.a_diagonal]
-        updates: list[Tensor] = [None] * len(blocks)  # type: ignore[list-item]
-        if dense:
-            a_side = [self._inv[blocks[i].name][0] for i in dense]
-            g_side = [self._inv[blocks[i].name][1] for i in dense]
-            dense_grads = [grads[i] for i in dense]
-            if self.inversion == "cholesky":
-                got = self.ops.precondition_inverse([g[0] for g in g_side], dense_grads, [a[0] for a in a_side])
+        updates: list[Tensor] = [None]  * len(blocks)  # type: ignore[list-item]
+        for indices, a_side, g_side in self._grouped(blocks, grads):
+            batch = [grads[i] for i in indices]
+            stacked = batch[0] if len(batch) == 1 else torch.stack(batch)
+            if blocks[indices[0]].a_diagonal:  # an embedding's diagonal A: a group of its own
+                got = _precondition_diagonal_a(stacked, a_side, g_side, self._inverse_form, gamma)
+            elif self._inverse_form:
+                got = self.ops.precondition_inverse([g_side[0]], [stacked], [a_side[0]])[0]
             else:
-                got = self.ops.precondition_eigen([g[1] for g in g_side], [g[0] for g in g_side], dense_grads,
-                                                  [a[1] for a in a_side], [a[0] for a in a_side], gamma)
-            for i, u in zip(dense, got):
-                updates[i] = u
-        for i, block in enumerate(blocks):
-            if block.a_diagonal:
-                a_side, g_side = self._inv[block.name]
-                updates[i] = _precondition_diagonal_a(grads[i], a_side, g_side, self.inversion, gamma)
+                got = self.ops.precondition_eigen([g_side[1]], [g_side[0]], [stacked], [a_side[1]], [a_side[0]], gamma)[0]
+            if len(indices) == 1:
+                updates[indices[0]] = got
+            else:
+                for i, u in zip(indices, got.unbind(0)):
+                    updates[i] = u
         return updates
 
-    def _kl_clip_scale(self, updates: list[Tensor], grads: list[Tensor]) -> float:
+    def _grouped(self, blocks: list[Block], grads: list[Tensor]) -> list[tuple[list[int], tuple, tuple]]:
+        """``blocks`` (indices into it) in groups of one gradient shape and dtype, each with its
+        inverses stacked ``[k, n, n]`` (a group of one keeps its own tensors). Built once per
+        inversion and cached: stacking at every step would copy every inverse every step."""
+        key = tuple((b.name, g.dtype) for b, g in zip(blocks, grads))
+        if key not in self._groups:
+            members: dict[tuple, list[int]] = {}
+            for i, (block, g) in enumerate(zip(blocks, grads)):
+                shape = ("diagonal", i) if block.a_diagonal else (tuple(g.shape), g.dtype)
+                members.setdefault(shape, []).append(i)
+            groups = []
+            for indices in members.values():
+                sides = [self._inv[blocks[i].name] for i in indices]
+                a_side, g_side = (tuple(_stack([s[k][j] for s in sides]) for j in range(len(sides[0][k])))
+                                  for k in (0, 1))
+                groups.append((indices, a_side, g_side))
+                if len(indices) > 1:  # the blocks' inverses become views of the stacks: no second copy
+                    for m, i in enumerate(indices):
+                        self._inv[blocks[i].name] = tuple(tuple(t[m] for t in side) for side in (a_side, g_side))
+            self._groups[key] = groups
+        return self._groups[key]
+
+    def _kl_clip_scale(self, updates: list[Tensor], grads: list[Tensor]) -> Tensor | None:
+        """``ν = min(1, sqrt(kl_clip / (lr² Σ ⟨v, g⟩)))`` as a 0-d tensor on the device (None
+        when clipping is off)."""
         kl_clip = _value(self.kl_clip, self.steps)
         if kl_clip is None:
-            self.stats["kl_clip_scale"] = 1.0
-            return 1.0
+            self._kl_scale = None
+            self._stats["kl_clip_scale"] = 1.0
+            return None
         lr = float(_value(self.lr, self.steps))
-        vg = float(sum((u.double() * g.double()).sum() for u, g in zip(updates, grads))) * lr**2
-        nu = min(1.0, math.sqrt(kl_clip / abs(vg))) if vg != 0 else 1.0
-        self.stats["kl_clip_scale"] = nu
+        vg = torch.stack([_dot(u, g) for u, g in zip(updates, grads)]).sum() * lr**2
+        nu = torch.where(vg != 0, (kl_clip / vg.abs()).sqrt().clamp(max=1.0), 1.0)
+        self._kl_scale = nu
         return nu
 
     # ---- inspection and checkpoints -------------------------------------------------------
@@ -819,31 +890,48 @@ def _bytes(tensors: list[Tensor]) -> int:
     return sum(seen.values())
 
 
-def _invert_diagonal(a: Tensor, damping: float, inversion: str) -> tuple[tuple, int]:
+def _all_finite(tensors: list[Tensor]) -> Tensor:
+    """A 0-d bool on the device: every element of every tensor is finite. The largest magnitude
+    per tensor is NaN or inf iff the tensor holds one, and cannot overflow as a sum could."""
+    return torch.stack([t.abs().amax() if t.numel() else t.new_zeros(()) for t in tensors]).isfinite().all()
+
+
+def _dot(u: Tensor, g: Tensor) -> Tensor:
+    """``⟨u, g⟩`` as a float64 0-d tensor (accumulated in at least float32)."""
+    if u.dtype in (torch.float16, torch.bfloat16):
+        u, g = u.float(), g.float()
+    return torch.vdot(u.reshape(-1), g.reshape(-1)).double()
+
+
+def _stack(tensors: list) -> Any:
+    return tensors[0] if len(tensors) == 1 else None if tensors[0] is None else torch.stack(tensors)
+
+
+def _invert_diagonal(a: Tensor, damping: float, inverse_form: bool) -> tuple[tuple, int]:
     """A diagonal factor's damped inverse ``(1 / (a + d),)`` or eigen pair ``(a + d, None)``."""
     if not bool(torch.isfinite(a).all()):
         return (), int(Status.NON_FINITE_INPUT)
     damped = a + damping
-    if inversion == "cholesky":
+    if inverse_form:
         if not bool((damped > 0).all()):
             return (), int(Status.FAILED)
         return (1.0 / damped,), int(Status.OK)
     return (damped, None), int(Status.OK)
 
 
-def _identity_inverse(dim: int, diagonal: bool, inversion: str, dtype, device) -> tuple:
+def _identity_inverse(dim: int, diagonal: bool, inverse_form: bool, dtype, device) -> tuple:
     ones = torch.ones(dim, dtype=dtype, device=device)
     if diagonal:
-        return (ones,) if inversion == "cholesky" else (ones, None)
+        return (ones,) if inverse_form else (ones, None)
     eye = torch.eye(dim, dtype=dtype, device=device)
-    return (eye,) if inversion == "cholesky" else (ones, eye)
+    return (eye,) if inverse_form else (ones, eye)
 
 
-def _precondition_diagonal_a(grad: Tensor, a_side: tuple, g_side: tuple, inversion: str, gamma: float) -> Tensor:
+def _precondition_diagonal_a(grad: Tensor, a_side: tuple, g_side: tuple, inverse_form: bool, gamma: float) -> Tensor:
     """``G⁻¹ ∇W̄ A⁻¹`` with a diagonal A (``∇W̄`` is ``[g_dim, a_dim]``): the A side scales
     columns. Eigen form: ``Q_G ((Q_Gᵀ ∇W̄) / (λ_G λ_Aᵀ + γ))``."""
     g = grad.to(a_side[0].dtype)
-    if inversion == "cholesky":
+    if inverse_form:
         out = (g_side[0] @ g) * a_side[0]
     else:
         lam_g, q_g = g_side

@@ -502,7 +502,9 @@ def test_max_factor_dim_leaves_huge_sides_out_and_memory_is_reported():
     precond.step()
     usage = precond.memory_usage()
     factors = 4 * (5000 + 8 * 8 + 9 * 9 + 16 * 16)
-    inverses = 4 * (5000 + 8 + 64 + 9 + 81 + 16 + 256)  # eigen: (λ, Q) per side, Q None for diagonal A
+    # eigen with Tikhonov damping keeps the inverse Q diag(1 / (λ + d)) Qᵀ of each side (a diagonal
+    # A: its reciprocal)
+    inverses = 4 * (5000 + 64 + 81 + 256)
     assert usage == dict(factors=factors, inverses=inverses, total=factors + inverses)
 
 

@@ -125,14 +125,14 @@ def test_nonfinite_first_step_leaves_no_factors():
     x, y = batch()
     x[0, 0] = float("nan")
     F.cross_entropy(model(x), y).backward()
-    assert precond.step() is False
+    assert not precond.step()
     assert precond.factors() == {}
     assert precond.stats["skipped_factor_updates"] == 1
     for p in model.parameters():
         assert torch.equal(p.grad, torch.zeros_like(p))
     model.zero_grad()
     F.cross_entropy(model(batch()[0]), y).backward()
-    assert precond.step() is True
+    assert precond.step()
     assert set(precond.factors()) == {"0", "2"}
     assert all(torch.isfinite(t).all() for a_g in precond.factors().values() for t in a_g)
 
@@ -150,7 +150,7 @@ def test_nonfinite_gradient_preconditioner_zeroes_registered_grads():
     F.cross_entropy(model(x), y).backward()
     model[3].bias.grad[1] = float("nan")
     bn_grads = [p.grad.clone() for p in model[1].parameters()]
-    assert precond.step() is False
+    assert not precond.step()
     assert precond.stats["nonfinite_grad_steps"] == 1
     assert precond.stats["factor_updates"] == 0 and precond.stats["skipped_factor_updates"] == 1
     for layer in (model[0], model[3]):
@@ -236,7 +236,7 @@ def test_failed_first_inversion_falls_back_to_identity():
     x, y = batch()
     F.cross_entropy(model(x), y).backward()
     with pytest.warns(RuntimeWarning, match=r"factor A of block '0'.*identity"):
-        assert precond.step() is True
+        assert precond.step()
     assert precond.stats["failed_inversions"] == 1
     assert torch.equal(precond._inv["0"][0][0], torch.eye(7))
     raw = precond.last_raw_gradients[0].double()
@@ -306,7 +306,7 @@ def test_empirical_fisher_needs_no_loss():
     precond = KFACPreconditioner(model, fisher_type="empirical")
     x, y = batch()
     F.cross_entropy(model(x), y).backward()
-    assert precond.step() is True
+    assert precond.step()
     assert set(precond.factors()) == {"0", "2"}
 
 
@@ -402,7 +402,7 @@ def test_tuple_output_with_mc_samples_from_the_first_tensor():
     precond = KFACPreconditioner(model, loss="cross_entropy", fisher_type="mc")
     x, y = batch()
     F.cross_entropy(model(x)[0], y).backward()
-    assert precond.step() is True
+    assert precond.step()
     assert set(precond.factors()) == {"body.0", "body.2"}
 
 
@@ -430,7 +430,7 @@ def test_tuple_output_with_empirical_fisher_works():
     x, y = batch()
     logits, _ = model(x)
     F.cross_entropy(logits, y).backward()
-    assert precond.step() is True
+    assert precond.step()
     assert set(precond.factors()) == {"body.0", "body.2"}
 
 
@@ -515,7 +515,7 @@ def test_bf16_autocast_keeps_float32_factors():
         if autocast:
             assert out.dtype == torch.bfloat16
         loss.backward()
-        assert precond.step() is True
+        assert precond.step()
         factors[autocast] = precond.factors()
     for name, (a, g) in factors[True].items():
         assert a.dtype == g.dtype == torch.float32

@@ -2,12 +2,15 @@
 
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/all.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/cholesky_inverse.h>
 #include <ATen/ops/eye.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/linalg_cholesky_ex.h>
 #include <ATen/ops/linalg_eigh.h>
-#include <ATen/ops/cholesky_inverse.h>
+#include <ATen/ops/linalg_solve_triangular.h>
+#include <ATen/ops/matmul.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
@@ -55,21 +58,37 @@ at::Tensor finite_per_matrix(const at::Tensor& batch) {
   return at::isfinite(batch).flatten(1).all(1);
 }
 
-std::vector<bool> to_host(const at::Tensor& flags) {
-  const at::Tensor host = flags.to(at::kCPU, at::kBool).contiguous();
-  const bool* p = host.data_ptr<bool>();
-  return std::vector<bool>(p, p + host.numel());
-}
-
 // Matrices whose flag is unset are swapped for the identity before the next library call, so it
 // never sees NaN (unspecified behaviour) or a failed factor (cholesky_inverse throws on a zero
-// pivot and would lose the whole batch); their results are discarded anyway. No copy when every
-// flag is set, the common case.
-at::Tensor identity_where_not(const at::Tensor& batch, const at::Tensor& keep,
-                              const std::vector<bool>& keep_host) {
-  if (std::all_of(keep_host.begin(), keep_host.end(), [](bool b) { return b; })) return batch;
+// pivot and would lose the whole batch); their results are discarded anyway. Decided on the
+// device: no flag is read back here.
+at::Tensor identity_where_not(const at::Tensor& batch, const at::Tensor& keep) {
   const at::Tensor eye = at::eye(batch.size(-1), batch.options());
   return at::where(keep.view({-1, 1, 1}), batch, eye);
+}
+
+// Adds damping[bucket[k]] to the diagonal of matrix k: one launch when the bucket shares one
+// value (Tikhonov damping), one per matrix otherwise; never a host-to-device copy.
+void add_damping(const at::Tensor& batch, at::ArrayRef<double> damping,
+                 const std::vector<size_t>& bucket) {
+  const bool shared = std::all_of(bucket.begin(), bucket.end(),
+                                  [&](size_t i) { return damping[i] == damping[bucket[0]]; });
+  if (shared) {
+    batch.diagonal(0, -2, -1).add_(damping[bucket[0]]);
+    return;
+  }
+  for (size_t k = 0; k < bucket.size(); ++k) {
+    batch[static_cast<int64_t>(k)].diagonal().add_(damping[bucket[k]]);
+  }
+}
+
+// (L L^T)^-1 from the lower Cholesky factor. On CUDA, cholesky_inverse reads its status back to
+// the host (a synchronization); a batched triangular solve and a GEMM do the same without one.
+at::Tensor inverse_from_cholesky(const at::Tensor& chol) {
+  if (chol.is_cpu()) return at::cholesky_inverse(chol);
+  const at::Tensor eye = at::eye(chol.size(-1), chol.options()).expand_as(chol);
+  const at::Tensor l_inv = at::linalg_solve_triangular(chol, eye, /*upper=*/false);
+  return at::matmul(l_inv.mT(), l_inv);
 }
 
 // Results are slices of one batch; outputs must not alias each other, so slices get their own
@@ -78,101 +97,111 @@ at::Tensor own(const at::Tensor& batch, int64_t k) {
   return batch.size(0) == 1 ? batch[k] : batch[k].clone();
 }
 
-void invert_bucket(at::TensorList factors, at::ArrayRef<double> damping,
-                   const std::vector<size_t>& bucket, at::ScalarType dtype, bool is_retry,
-                   InverseResults& out) {
+PendingBucket enqueue_inverse(at::TensorList factors, at::ArrayRef<double> damping,
+                              const std::vector<size_t>& bucket, at::ScalarType dtype) {
   const at::Tensor batch = stack_symmetrized(factors, bucket, dtype);
-  std::vector<double> gammas;
-  for (size_t i : bucket) gammas.push_back(damping[i]);
-  const at::Tensor gamma =
-      at::from_blob(gammas.data(), {static_cast<int64_t>(gammas.size()), 1}, at::kDouble)
-          .to(batch.device(), dtype, false, true);
   const at::Tensor finite = finite_per_matrix(batch);
-  const std::vector<bool> finite_h = to_host(finite);
-  at::Tensor damped = identity_where_not(batch, finite, finite_h);
-  damped.diagonal(0, -2, -1).add_(gamma);
+  const at::Tensor damped = identity_where_not(batch, finite);
+  add_damping(damped, damping, bucket);
   const auto [chol_raw, info] = at::linalg_cholesky_ex(damped);
   // A pivot that overflowed (inf) passes LAPACK's check; it shows on the diagonal.
   const at::Tensor factored =
       info.eq(0).logical_and(at::isfinite(chol_raw.diagonal(0, -2, -1)).all(-1));
-  const at::Tensor chol = identity_where_not(chol_raw, factored, to_host(factored));
-  at::Tensor inv = at::cholesky_inverse(chol);
-  inv = (inv + inv.mT()).mul_(0.5);
-  const at::ScalarType out_dtype = factors[bucket[0]].scalar_type();
-  // Contiguous outputs (the sum above and LAPACK's column-major results need not be); a float64
-  // retry may overflow float32 in the cast: checked next.
-  inv = inv.to(out_dtype).contiguous();
+  at::Tensor inv = inverse_from_cholesky(identity_where_not(chol_raw, factored));
+  // Exactly symmetric and contiguous, in the factors' dtype; a float64 retry may overflow
+  // float32 in the cast, which the ok flag catches.
+  inv = (inv + inv.mT()).mul_(0.5).to(factors[bucket[0]].scalar_type()).contiguous();
   const at::Tensor ok = finite.logical_and(factored).logical_and(finite_per_matrix(inv));
-  const std::vector<bool> ok_h = to_host(ok);
-
-  std::vector<size_t> retry;
-  for (size_t k = 0; k < bucket.size(); ++k) {
-    const size_t i = bucket[k];
-    if (ok_h[k]) {
-      out.inverses[i] = own(inv, k);
-      out.status[i] = static_cast<int32_t>(is_retry ? Status::kOkAfterFp64Retry : Status::kOk);
-      continue;
-    }
-    out.inverses[i] = at::zeros_like(factors[i]);
-    if (!finite_h[k]) {
-      out.status[i] = static_cast<int32_t>(Status::kNonFiniteInput);
-    } else if (!is_retry && dtype == at::kFloat) {
-      retry.push_back(i);
-    } else {
-      out.status[i] = static_cast<int32_t>(Status::kFailed);
-    }
-  }
-  if (!retry.empty()) invert_bucket(factors, damping, retry, at::kDouble, true, out);
+  return {bucket, finite, ok, at::Tensor(), inv, false};
 }
 
-void eigen_bucket(at::TensorList factors, const std::vector<size_t>& bucket,
-                  at::ScalarType dtype, bool is_retry, EigenResults& out) {
+PendingBucket enqueue_eigen(at::TensorList factors, const std::vector<size_t>& bucket,
+                            at::ScalarType dtype) {
   const at::Tensor batch = stack_symmetrized(factors, bucket, dtype);
   const at::Tensor finite = finite_per_matrix(batch);
-  const std::vector<bool> finite_h = to_host(finite);
   at::Tensor evals, evecs;
   try {
-    std::tie(evals, evecs) = at::linalg_eigh(identity_where_not(batch, finite, finite_h));
-  } catch (const c10::Error&) {
-    // The library reports non-convergence for the whole batch: solve each factor alone so that
-    // one bad factor does not fail its neighbours.
-    if (bucket.size() > 1) {
-      for (size_t i : bucket) eigen_bucket(factors, {i}, dtype, is_retry, out);
-      return;
-    }
-    evals = at::zeros({1, batch.size(-1)}, batch.options());
-    evecs = at::zeros_like(batch);
-    evals.fill_(std::numeric_limits<double>::quiet_NaN());  // marks "not solved" below
+    // linalg_eigh checks convergence on the host (a synchronization per bucket on CUDA).
+    std::tie(evals, evecs) = at::linalg_eigh(identity_where_not(batch, finite));
+  } catch (const c10::LinAlgError&) {
+    // Non-convergence is reported for the whole batch: the bucket is solved again matrix by
+    // matrix, so that one bad factor does not fail its neighbours.
+    const at::Tensor none = at::zeros({static_cast<int64_t>(bucket.size())}, finite.options());
+    return {bucket, finite, none, at::Tensor(), at::Tensor(), bucket.size() > 1};
   }
   const at::ScalarType out_dtype = factors[bucket[0]].scalar_type();
   evals = evals.clamp_min(0).to(out_dtype);
   evecs = evecs.to(out_dtype).contiguous();
-  // Finite input gives finite vectors or a thrown error; NaN eigenvalues mark "not solved".
-  const std::vector<bool> ok_h = to_host(finite.logical_and(finite_per_matrix(evals)));
+  const at::Tensor ok = finite.logical_and(finite_per_matrix(evals));
+  return {bucket, finite, ok, evals, evecs, false};
+}
 
+// The status of a factor whose result is unusable, or -1 when it is to be retried in float64.
+int32_t failure_status(bool finite, bool is_retry, at::ScalarType dtype) {
+  if (!finite) return static_cast<int32_t>(Status::kNonFiniteInput);
+  if (!is_retry && dtype == at::kFloat) return -1;
+  return static_cast<int32_t>(Status::kFailed);
+}
+
+int32_t success_status(bool is_retry) {
+  return static_cast<int32_t>(is_retry ? Status::kOkAfterFp64Retry : Status::kOk);
+}
+
+void run_eigen(at::TensorList factors, const std::vector<std::vector<size_t>>& buckets,
+               at::ScalarType dtype, bool is_retry, EigenResults& out) {
+  std::vector<PendingBucket> pending;
+  for (const auto& bucket : buckets) pending.push_back(enqueue_eigen(factors, bucket, dtype));
+  const std::vector<std::vector<int32_t>> flags = read_back(flags_of(pending));
   std::vector<size_t> retry;
-  for (size_t k = 0; k < bucket.size(); ++k) {
-    const size_t i = bucket[k];
-    if (ok_h[k]) {
-      out.eigenvalues[i] = own(evals, k);
-      out.eigenvectors[i] = own(evecs, k);
-      out.status[i] = static_cast<int32_t>(is_retry ? Status::kOkAfterFp64Retry : Status::kOk);
+  for (size_t b = 0; b < pending.size(); ++b) {
+    const PendingBucket& p = pending[b];
+    if (p.split) {
+      for (size_t i : p.bucket) run_eigen(factors, {{i}}, dtype, is_retry, out);
       continue;
     }
-    out.eigenvalues[i] = at::zeros({factors[i].size(0)}, factors[i].options());
-    out.eigenvectors[i] = at::zeros_like(factors[i]);
-    if (!finite_h[k]) {
-      out.status[i] = static_cast<int32_t>(Status::kNonFiniteInput);
-    } else if (!is_retry && dtype == at::kFloat) {
-      retry.push_back(i);
-    } else {
-      out.status[i] = static_cast<int32_t>(Status::kFailed);
+    const std::vector<int32_t>&finite = flags[2 * b], &ok = flags[2 * b + 1];
+    for (size_t k = 0; k < p.bucket.size(); ++k) {
+      const size_t i = p.bucket[k];
+      if (ok[k]) {
+        out.eigenvalues[i] = own(p.values, static_cast<int64_t>(k));
+        out.eigenvectors[i] = own(p.vectors, static_cast<int64_t>(k));
+        out.status[i] = success_status(is_retry);
+        continue;
+      }
+      out.eigenvalues[i] = at::zeros({factors[i].size(0)}, factors[i].options());
+      out.eigenvectors[i] = at::zeros_like(factors[i]);
+      const int32_t status = failure_status(finite[k], is_retry, dtype);
+      if (status < 0) retry.push_back(i);
+      else out.status[i] = status;
     }
   }
-  if (!retry.empty()) eigen_bucket(factors, retry, at::kDouble, true, out);
+  if (!retry.empty()) run_eigen(factors, bucket_by_size(factors, retry), at::kDouble, true, out);
 }
 
 }  // namespace
+
+std::vector<at::Tensor> flags_of(const std::vector<PendingBucket>& pending) {
+  std::vector<at::Tensor> flags;
+  for (const PendingBucket& p : pending) {
+    flags.push_back(p.finite);
+    flags.push_back(p.ok);
+  }
+  return flags;
+}
+
+std::vector<std::vector<int32_t>> read_back(const std::vector<at::Tensor>& tensors) {
+  if (tensors.empty()) return {};
+  std::vector<at::Tensor> flat;
+  for (const at::Tensor& t : tensors) flat.push_back(t.reshape(-1).to(at::kInt));
+  const at::Tensor host = at::cat(flat).to(at::kCPU).contiguous();
+  const int32_t* p = host.data_ptr<int32_t>();
+  std::vector<std::vector<int32_t>> out;
+  for (const at::Tensor& t : flat) {
+    out.emplace_back(p, p + t.numel());
+    p += t.numel();
+  }
+  return out;
+}
 
 void check_damped_inverse_args(at::TensorList factors, at::ArrayRef<double> damping) {
   constexpr std::string_view op = "damped_inverse";
@@ -210,25 +239,56 @@ std::vector<std::vector<size_t>> bucket_by_size(at::TensorList factors,
   return buckets;
 }
 
+std::vector<PendingBucket> enqueue_damped_inverse(at::TensorList factors,
+                                                  at::ArrayRef<double> damping,
+                                                  const std::vector<size_t>& indices,
+                                                  at::ScalarType dtype) {
+  std::vector<PendingBucket> pending;
+  for (const auto& bucket : bucket_by_size(factors, indices)) {
+    pending.push_back(enqueue_inverse(factors, damping, bucket, dtype));
+  }
+  return pending;
+}
+
+void finish_damped_inverse(at::TensorList factors, at::ArrayRef<double> damping,
+                           const std::vector<PendingBucket>& pending,
+                           const std::vector<std::vector<int32_t>>& flags, bool is_retry,
+                           InverseResults& out) {
+  std::vector<size_t> retry;
+  for (size_t b = 0; b < pending.size(); ++b) {
+    const PendingBucket& p = pending[b];
+    const std::vector<int32_t>&finite = flags[2 * b], &ok = flags[2 * b + 1];
+    for (size_t k = 0; k < p.bucket.size(); ++k) {
+      const size_t i = p.bucket[k];
+      if (ok[k]) {
+        out.inverses[i] = own(p.vectors, static_cast<int64_t>(k));
+        out.status[i] = success_status(is_retry);
+        continue;
+      }
+      out.inverses[i] = at::zeros_like(factors[i]);
+      const int32_t status = failure_status(finite[k], is_retry, factors[i].scalar_type());
+      if (status < 0) retry.push_back(i);
+      else out.status[i] = status;
+    }
+  }
+  if (!retry.empty()) retry_damped_inverse_fp64(factors, damping, retry, out);
+}
+
 void damped_inverse_aten(at::TensorList factors, at::ArrayRef<double> damping,
                          const std::vector<size_t>& indices, InverseResults& out) {
-  for (const auto& bucket : bucket_by_size(factors, indices)) {
-    invert_bucket(factors, damping, bucket, factors[bucket[0]].scalar_type(), false, out);
-  }
+  const auto pending = enqueue_damped_inverse(factors, damping, indices, factors[0].scalar_type());
+  finish_damped_inverse(factors, damping, pending, read_back(flags_of(pending)), false, out);
 }
 
 void retry_damped_inverse_fp64(at::TensorList factors, at::ArrayRef<double> damping,
                                const std::vector<size_t>& indices, InverseResults& out) {
-  for (const auto& bucket : bucket_by_size(factors, indices)) {
-    invert_bucket(factors, damping, bucket, at::kDouble, true, out);
-  }
+  const auto pending = enqueue_damped_inverse(factors, damping, indices, at::kDouble);
+  finish_damped_inverse(factors, damping, pending, read_back(flags_of(pending)), true, out);
 }
 
 void eigen_decompose_aten(at::TensorList factors, const std::vector<size_t>& indices,
                           EigenResults& out) {
-  for (const auto& bucket : bucket_by_size(factors, indices)) {
-    eigen_bucket(factors, bucket, factors[bucket[0]].scalar_type(), false, out);
-  }
+  run_eigen(factors, bucket_by_size(factors, indices), factors[0].scalar_type(), false, out);
 }
 
 }  // namespace kfac

@@ -43,12 +43,41 @@ struct EigenResults {
       const at::Device& device) const;
 };
 
+// One size bucket's device work, enqueued without reading anything back: per matrix, whether
+// the input was finite and whether the result is usable. The flags of every bucket of a call
+// are read back together (read_back), so a call synchronizes once, not once per bucket.
+struct PendingBucket {
+  std::vector<size_t> bucket;
+  at::Tensor finite, ok;
+  at::Tensor values, vectors;  // eigenvalues and eigenvectors, or (vectors) the inverses
+  bool split;                  // eigen only: the batch did not converge, solve one by one
+};
+
+// The flags of `pending`, in read_back order: finite, ok, finite, ok, ...
+std::vector<at::Tensor> flags_of(const std::vector<PendingBucket>& pending);
+
+// Every tensor's elements as int32 on the host, in ONE device-to-host copy.
+std::vector<std::vector<int32_t>> read_back(const std::vector<at::Tensor>& tensors);
+
 // Groups factor indices by matrix size, so same-size factors go through one batched call.
 std::vector<std::vector<size_t>> bucket_by_size(at::TensorList factors,
                                                 const std::vector<size_t>& indices);
 
-// (F + damping I)^-1 for factors[indices] through batched ATen Cholesky, float32 failures
-// retried in float64.
+// (F + damping I)^-1 for factors[indices], in `dtype`, through batched ATen Cholesky (cuSOLVER
+// on CUDA; no host read), one bucket per size.
+std::vector<PendingBucket> enqueue_damped_inverse(at::TensorList factors,
+                                                  at::ArrayRef<double> damping,
+                                                  const std::vector<size_t>& indices,
+                                                  at::ScalarType dtype);
+
+// Fills `out` from enqueued buckets and their flags (read_back of flags_of(pending)); float32
+// failures are retried in float64.
+void finish_damped_inverse(at::TensorList factors, at::ArrayRef<double> damping,
+                           const std::vector<PendingBucket>& pending,
+                           const std::vector<std::vector<int32_t>>& flags, bool is_retry,
+                           InverseResults& out);
+
+// Both of the above with one read back: (F + damping I)^-1 for factors[indices].
 void damped_inverse_aten(at::TensorList factors, at::ArrayRef<double> damping,
                          const std::vector<size_t>& indices, InverseResults& out);
 
@@ -58,7 +87,8 @@ void retry_damped_inverse_fp64(at::TensorList factors, at::ArrayRef<double> damp
                                const std::vector<size_t>& indices, InverseResults& out);
 
 // Eigendecomposition of factors[indices] through batched ATen eigh, float32 failures retried in
-// float64, eigenvalues clamped at 0.
+// float64, eigenvalues clamped at 0. ATen's eigh reads its convergence status back per bucket;
+// the finite flags of all buckets are read once more, together.
 void eigen_decompose_aten(at::TensorList factors, const std::vector<size_t>& indices,
                           EigenResults& out);
 

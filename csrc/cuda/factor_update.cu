@@ -1,14 +1,26 @@
-// Factor update on CUDA: F <- decay F + scale xbar^T xbar for every layer of a call in ONE launch.
-// Each block computes one 32x32 tile of the upper triangle (tiles below the diagonal are never
-// computed), reads xbar through a loader that supplies the virtual ones column, applies the EMA
-// epilogue to the upper element and mirrors it, so the result is exactly symmetric. Layers larger
-// than kMaxKernelDim go through ATen's GEMM (cuBLAS) with the same epilogue.
+// Factor update on CUDA: F <- decay F + scale xbar^T xbar per layer, routed by shape.
+//
+// * GEMM path (cuBLAS through ATen), the default: x^T x written straight into the factor's d x d
+//   block with the EMA as beta (cuBLAS takes the strided view, no temporary), the ones column from
+//   a column sum, the corner from the row count; then ONE mirror launch for all GEMM layers makes
+//   every factor exactly symmetric.
+// * Fused path: every small layer of the call in ONE launch of a tiled kernel (32x32 tiles of the
+//   upper triangle, xbar read through a loader that supplies the virtual ones column, EMA epilogue,
+//   mirrored write). It only wins where launch overhead dominates, so it takes a layer only when
+//   the call has at least kMinFusedLayers layers with dbar <= kMaxFusedDim and rows <= kMaxFusedRows.
+//   These thresholds are the expert read's estimate (cuBLAS is faster whenever rows >~ 1K), not a
+//   measurement: bench/bench_ops.py --large-rows on a GPU is how to replace them.
+//
+// Every check and every allocation happens before the first write, so an error (a bad argument,
+// out of memory) leaves every factor as it was.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "aten/factor_update.h"
@@ -18,12 +30,13 @@ namespace kfac::cuda {
 
 namespace {
 
-constexpr int kTile = 32;        // output tile is kTile x kTile
+constexpr int kTile = 32;         // output tile is kTile x kTile
 constexpr int kRowsPerStep = 32;  // rows of x staged in shared memory per step
 constexpr int kThreadRows = 8;    // blockDim = (kTile, kThreadRows); each thread owns 4 outputs
 constexpr int kOutputsPerThread = kTile / kThreadRows;
-// Above this, cuBLAS GEMM (full square, then mirrored) beats this simple tiled kernel.
-constexpr int64_t kMaxKernelDim = 512;
+constexpr int64_t kMaxFusedDim = 256;
+constexpr int64_t kMaxFusedRows = 1024;
+constexpr size_t kMinFusedLayers = 8;
 
 struct FactorEntry {
   const void* x;   // [rows, d] row-major
@@ -57,10 +70,10 @@ __device__ inline void upper_tile(int64_t index, int64_t per_side, int64_t& ti, 
 
 template <typename in_t, typename acc_t>
 __global__ void __launch_bounds__(kTile * kThreadRows)
-    factor_update_kernel(const FactorEntry* entries, int n_entries, double decay) {
+    factor_update_kernel(const __grid_constant__ LayerTable<FactorEntry> table, double decay) {
   __shared__ acc_t xi[kRowsPerStep][kTile];
   __shared__ acc_t xj[kRowsPerStep][kTile];
-  const FactorEntry e = entries[layer_of_block(entries, n_entries, blockIdx.x)];
+  const FactorEntry& e = table.entries[layer_of_block(table, blockIdx.x)];
   int64_t ti, tj;
   upper_tile(blockIdx.x - e.first_block, e.tiles_per_side, ti, tj);
   const int64_t i0 = ti * kTile, j0 = tj * kTile;
@@ -101,20 +114,97 @@ __global__ void __launch_bounds__(kTile * kThreadRows)
   }
 }
 
-void launch_factor_update(const std::vector<FactorEntry>& entries, int64_t blocks,
-                          const at::Tensor& x0, const at::Tensor& f0, double decay) {
-  const at::Tensor table = upload_table(entries, f0.device());
+struct MirrorEntry {
+  void* factor;  // [n, n] row-major
+  int64_t n;
+  int64_t first_block;
+};
+
+constexpr int kMirrorThreads = 256;
+
+// F[i, j] = F[j, i] for i > j: the strict lower triangle from the upper one, every factor of the
+// table in one launch (a grid-stride loop over each factor's n x n elements).
+template <typename T>
+__global__ void __launch_bounds__(kMirrorThreads)
+    mirror_upper_kernel(const __grid_constant__ LayerTable<MirrorEntry> table) {
+  const MirrorEntry& e = table.entries[layer_of_block(table, blockIdx.x)];
+  T* f = static_cast<T*>(e.factor);
+  const int64_t count = e.n * e.n;
+  const int64_t first = (blockIdx.x - e.first_block) * kMirrorThreads + threadIdx.x;
+  const int64_t stride = int64_t(kMirrorThreads) * 64;  // each entry gets up to 64 blocks
+  for (int64_t idx = first; idx < count; idx += stride) {
+    const int64_t i = idx / e.n, j = idx % e.n;
+    if (i > j) f[idx] = f[j * e.n + i];
+  }
+}
+
+int64_t mirror_blocks(const MirrorEntry& e) {
+  const int64_t need = (e.n * e.n + kMirrorThreads - 1) / kMirrorThreads;
+  return std::min<int64_t>(need, 64);
+}
+
+void check_grid(int64_t blocks) {
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "factor_update: ", blocks,
+              " thread blocks exceed one launch's grid");
+}
+
+void launch_fused(const std::vector<FactorEntry>& entries, const at::Tensor& x0,
+                  const at::Tensor& f0, double decay) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const dim3 threads(kTile, kThreadRows);
-  const int n = static_cast<int>(entries.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "factor_update", [&] {
     using in_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(f0.scalar_type(), "factor_update", [&] {
-      factor_update_kernel<in_t, scalar_t>
-          <<<blocks, threads, 0, stream>>>(table_ptr<FactorEntry>(table), n, decay);
+      launch_in_chunks(
+          entries, [](const FactorEntry& e) { return e.tiles_per_side * (e.tiles_per_side + 1) / 2; },
+          [&](const LayerTable<FactorEntry>& table, int64_t blocks) {
+            check_grid(blocks);
+            factor_update_kernel<in_t, scalar_t><<<blocks, threads, 0, stream>>>(table, decay);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+    });
+  });
+}
+
+void launch_mirror(const std::vector<MirrorEntry>& entries, at::ScalarType dtype) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(dtype, "factor_update", [&] {
+    launch_in_chunks(entries, mirror_blocks, [&](const LayerTable<MirrorEntry>& table, int64_t blocks) {
+      check_grid(blocks);
+      mirror_upper_kernel<scalar_t><<<blocks, kMirrorThreads, 0, stream>>>(table);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+}
+
+// One GEMM-path layer, prepared: the input in the factor's dtype and its column sums, computed
+// (allocated) before any factor is written.
+struct GemmLayer {
+  at::Tensor factor, x, column_sums;
+  double scale;
+  bool append_ones;
+};
+
+// Writes the upper triangle (and the d x d block in full) of one GEMM-path factor in place.
+void apply_gemm(const GemmLayer& l, double decay) {
+  const int64_t d = l.x.size(1);
+  // beta == 0 makes cuBLAS ignore the old values, NaN included, as the CPU path does.
+  l.factor.narrow(0, 0, d).narrow(1, 0, d).addmm_(l.x.t(), l.x, /*beta=*/decay, /*alpha=*/l.scale);
+  if (!l.append_ones) return;
+  const at::Tensor column = l.factor.narrow(0, 0, d).select(1, d);
+  const at::Tensor corner = l.factor.narrow(0, d, 1).narrow(1, d, 1);
+  const double rows = static_cast<double>(l.x.size(0));
+  if (decay == 0.0) {
+    column.copy_(l.column_sums).mul_(l.scale);
+    corner.fill_(l.scale * rows);
+  } else {
+    column.mul_(decay).add_(l.column_sums, l.scale);
+    corner.mul_(decay).add_(l.scale * rows);
+  }
+}
+
+bool fused_candidate(const at::Tensor& factor, const at::Tensor& x) {
+  return factor.size(0) <= kMaxFusedDim && x.size(0) <= kMaxFusedRows;
 }
 
 }  // namespace
@@ -123,24 +213,30 @@ void factor_update(at::TensorList factors, at::TensorList xs, double decay,
                    at::ArrayRef<double> scales, c10::List<bool> append_ones) {
   check_factor_update_args(factors, xs, decay, scales, append_ones);
   const c10::cuda::CUDAGuard guard(factors[0].device());
-  std::vector<FactorEntry> entries;
-  int64_t blocks = 0;
+  size_t candidates = 0;
+  for (size_t i = 0; i < factors.size(); ++i) candidates += fused_candidate(factors[i], xs[i]);
+  const bool fuse = candidates >= kMinFusedLayers;
+
+  std::vector<FactorEntry> fused;
+  std::vector<GemmLayer> gemm;
+  std::vector<MirrorEntry> mirror;
   for (size_t i = 0; i < factors.size(); ++i) {
-    const int64_t dbar = factors[i].size(0);
-    if (dbar > kMaxKernelDim) {
-      factor_update_one_aten(factors[i], xs[i], decay, scales[i], append_ones.get(i));
-      mirror_upper_aten(factors[i]);
+    const at::Tensor& f = factors[i];
+    if (f.numel() == 0) continue;
+    if (fuse && fused_candidate(f, xs[i])) {
+      const int64_t per_side = (f.size(0) + kTile - 1) / kTile;
+      fused.push_back({xs[i].data_ptr(), f.data_ptr(), xs[i].size(0), xs[i].size(1), f.size(0),
+                       per_side, 0, scales[i]});
       continue;
     }
-    const int64_t per_side = (dbar + kTile - 1) / kTile;
-    if (per_side == 0) continue;
-    entries.push_back({xs[i].data_ptr(), factors[i].data_ptr(), xs[i].size(0), xs[i].size(1), dbar,
-                       per_side, blocks, scales[i]});
-    blocks += per_side * (per_side + 1) / 2;
+    const at::Tensor x = xs[i].to(f.scalar_type());
+    const bool ones = append_ones.get(i);
+    gemm.push_back({f, x, ones ? at::sum(x, 0) : at::Tensor(), scales[i], ones});
+    mirror.push_back({f.data_ptr(), f.size(0), 0});
   }
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "factor_update: ", blocks,
-              " tiles exceed one launch's grid");
-  if (!entries.empty()) launch_factor_update(entries, blocks, xs[0], factors[0], decay);
+  for (const GemmLayer& l : gemm) apply_gemm(l, decay);
+  if (!mirror.empty()) launch_mirror(mirror, factors[0].scalar_type());
+  if (!fused.empty()) launch_fused(fused, xs[0], factors[0], decay);
 }
 
 }  // namespace kfac::cuda

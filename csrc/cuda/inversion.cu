@@ -1,9 +1,12 @@
 // Damped Cholesky inverse and eigendecomposition on CUDA.
 // Small factors (n <= kMaxSmall): one thread block per matrix, the matrix in shared memory;
 // symmetrize + damping on load, right-looking Cholesky, then each thread solves L L^T x = e_j for
-// its columns. All small factors of a call go in one launch. Float32 failures are retried in
-// float64 through the ATen path, exactly as on CPU. Larger factors and every eigendecomposition
-// go through ATen (cuSOLVER), one batched call per factor size.
+// its columns. All small factors of a call go in one launch (the table passed by value). Larger
+// factors and every eigendecomposition go through ATen (cuSOLVER), one batched call per factor
+// size. Everything is enqueued first and the statuses of the whole call are read back in one
+// copy: one synchronization per call (plus the float64 retry of float32 failures, exactly as on
+// CPU, and one per size bucket inside ATen's eigh). Reading statuses back cannot happen inside a
+// CUDA graph capture, so both ops refuse to run under capture.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
@@ -11,6 +14,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <string_view>
 
 #include "aten/inversion.h"
 #include "cuda/layer_table.cuh"
@@ -25,7 +30,9 @@ constexpr int kThreads = 128;
 struct CholeskyEntry {
   const void* factor;  // [n, n]
   void* inverse;       // [n, n], written: inverse, or zeros on failure
+  int32_t* status;     // this factor's status
   int64_t n;
+  int64_t first_block;  // == its index in the table: one block per factor
   double damping;
 };
 
@@ -38,10 +45,10 @@ __device__ void fill_zero(T* out, int64_t count) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    damped_cholesky_inverse_kernel(const CholeskyEntry* entries, int32_t* status) {
+    damped_cholesky_inverse_kernel(const __grid_constant__ LayerTable<CholeskyEntry> table) {
   __shared__ T a[kMaxSmall][kMaxSmall + 1];  // +1: column walks hit distinct banks
   __shared__ int not_positive_definite;
-  const CholeskyEntry e = entries[blockIdx.x];
+  const CholeskyEntry& e = table.entries[blockIdx.x];
   const int n = static_cast<int>(e.n), tid = threadIdx.x;
   const T* f = static_cast<const T*>(e.factor);
   T* inv = static_cast<T*>(e.inverse);
@@ -56,7 +63,7 @@ __global__ void __launch_bounds__(kThreads)
   if (tid == 0) not_positive_definite = 0;
   if (__syncthreads_or(non_finite)) {
     fill_zero(inv, int64_t(n) * n);
-    if (tid == 0) status[blockIdx.x] = code(Status::kNonFiniteInput);
+    if (tid == 0) *e.status = code(Status::kNonFiniteInput);
     return;
   }
 
@@ -84,7 +91,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (not_positive_definite) {
     fill_zero(inv, int64_t(n) * n);
-    if (tid == 0) status[blockIdx.x] = code(Status::kFailed);
+    if (tid == 0) *e.status = code(Status::kFailed);
     return;
   }
 
@@ -118,35 +125,44 @@ __global__ void __launch_bounds__(kThreads)
   for (int idx = tid; idx < n * n; idx += kThreads) overflow |= !isfinite(inv[idx]);
   if (__syncthreads_or(overflow)) {
     fill_zero(inv, int64_t(n) * n);
-    if (tid == 0) status[blockIdx.x] = code(Status::kFailed);
+    if (tid == 0) *e.status = code(Status::kFailed);
     return;
   }
-  if (tid == 0) status[blockIdx.x] = code(Status::kOk);
+  if (tid == 0) *e.status = code(Status::kOk);
 }
 
-// Runs the small-matrix kernel on factors[indices] and returns the per-factor status on the host.
-std::vector<int32_t> damped_inverse_small(at::TensorList factors, at::ArrayRef<double> damping,
-                                          const std::vector<size_t>& indices,
-                                          InverseResults& out) {
-  std::vector<CholeskyEntry> entries;
-  for (size_t i : indices) {
-    out.inverses[i] = at::empty_like(factors[i]);
-    entries.push_back({factors[i].data_ptr(), out.inverses[i].data_ptr(), factors[i].size(0),
-                       damping[i]});
-  }
-  const at::Tensor table = upload_table(entries, factors[0].device());
-  const at::Tensor status = at::empty({static_cast<int64_t>(entries.size())},
+// Enqueues the small-matrix kernel on factors[indices]; returns their statuses (device int32,
+// in `indices` order), read back later with everything else of the call.
+at::Tensor enqueue_damped_inverse_small(at::TensorList factors, at::ArrayRef<double> damping,
+                                        const std::vector<size_t>& indices, InverseResults& out) {
+  const at::Tensor status = at::empty({static_cast<int64_t>(indices.size())},
                                       factors[0].options().dtype(at::kInt));
+  std::vector<CholeskyEntry> entries;
+  for (size_t k = 0; k < indices.size(); ++k) {
+    const size_t i = indices[k];
+    out.inverses[i] = at::empty_like(factors[i]);
+    entries.push_back({factors[i].data_ptr(), out.inverses[i].data_ptr(),
+                       status.data_ptr<int32_t>() + k, factors[i].size(0), 0, damping[i]});
+  }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(factors[0].scalar_type(), "damped_inverse", [&] {
-    damped_cholesky_inverse_kernel<scalar_t>
-        <<<static_cast<unsigned>(entries.size()), kThreads, 0, stream>>>(
-            table_ptr<CholeskyEntry>(table), status.data_ptr<int32_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_in_chunks(entries, [](const CholeskyEntry&) { return int64_t(1); },
+                     [&](const LayerTable<CholeskyEntry>& table, int64_t blocks) {
+                       damped_cholesky_inverse_kernel<scalar_t>
+                           <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(table);
+                       C10_CUDA_KERNEL_LAUNCH_CHECK();
+                     });
   });
-  const at::Tensor host = status.cpu();  // synchronizes: retries are decided on the host
-  const int32_t* p = host.data_ptr<int32_t>();
-  return std::vector<int32_t>(p, p + host.numel());
+  return status;
+}
+
+void refuse_capture(std::string_view op) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capture));
+  TORCH_CHECK(capture == cudaStreamCaptureStatusNone, op,
+              ": cannot run while a CUDA graph is being captured: it reads each factor's status "
+              "back to the host (to retry failures in float64). Invert outside the captured "
+              "region; only steps that update no inverses are capturable");
 }
 
 }  // namespace
@@ -155,22 +171,31 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> damped_inverse(at::TensorList fa
                                                                at::ArrayRef<double> damping) {
   check_damped_inverse_args(factors, damping);
   const c10::cuda::CUDAGuard guard(factors[0].device());
+  refuse_capture("damped_inverse");
   InverseResults out(factors.size());
   std::vector<size_t> small, large;
   for (size_t i = 0; i < factors.size(); ++i) {
     (factors[i].size(0) <= kMaxSmall ? small : large).push_back(i);
   }
+  // Everything enqueued before the one read back.
+  std::vector<at::Tensor> to_read;
+  if (!small.empty()) to_read.push_back(enqueue_damped_inverse_small(factors, damping, small, out));
+  const std::vector<PendingBucket> pending =
+      enqueue_damped_inverse(factors, damping, large, factors[0].scalar_type());
+  for (const at::Tensor& flag : flags_of(pending)) to_read.push_back(flag);
+  std::vector<std::vector<int32_t>> host = read_back(to_read);
+
   if (!small.empty()) {
-    const std::vector<int32_t> status = damped_inverse_small(factors, damping, small, out);
     std::vector<size_t> retry;
+    const bool retryable = factors[0].scalar_type() == at::kFloat;
     for (size_t k = 0; k < small.size(); ++k) {
-      out.status[small[k]] = status[k];
-      const bool retryable = factors[0].scalar_type() == at::kFloat;
-      if (status[k] == code(Status::kFailed) && retryable) retry.push_back(small[k]);
+      out.status[small[k]] = host[0][k];
+      if (host[0][k] == code(Status::kFailed) && retryable) retry.push_back(small[k]);
     }
+    host.erase(host.begin());
     if (!retry.empty()) retry_damped_inverse_fp64(factors, damping, retry, out);
   }
-  if (!large.empty()) damped_inverse_aten(factors, damping, large, out);
+  finish_damped_inverse(factors, damping, pending, host, false, out);
   return out.pack(factors[0].device());
 }
 
@@ -178,6 +203,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> eigen_d
     at::TensorList factors) {
   check_eigen_decompose_args(factors);
   const c10::cuda::CUDAGuard guard(factors[0].device());
+  refuse_capture("eigen_decompose");
   EigenResults out(factors.size());
   eigen_decompose_aten(factors, all_indices(factors.size()), out);
   return out.pack(factors[0].device());

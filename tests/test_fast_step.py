@@ -1,0 +1,184 @@
+"""The fast step: a steady-state step never synchronizes, same-shape blocks are preconditioned as
+one batch, and the skip of a non-finite step is decided on the device."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kfac_ext import KFAC, KFACPreconditioner
+
+F64 = torch.float64
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Every way a tensor's value reaches Python raises inside the block (on CUDA each of them is
+    a device synchronization)."""
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def forbid(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"Tensor.{name} read a value back to the host")
+        return read
+
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, forbid(name))
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def test_no_host_reads_catches_them():
+    with no_host_reads():
+        t = torch.ones(2)
+        for read in (lambda: bool(t.all()), lambda: float(t.sum()), lambda: t.sum().item(),
+                     lambda: t.tolist(), lambda: int(t[0]), lambda: math.sqrt(t.sum())):
+            with pytest.raises(AssertionError, match="read a value back"):
+                read()
+
+
+def stack_model() -> nn.Module:
+    """Four hidden blocks of one shape (one group) between blocks of other shapes."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 12), nn.Tanh()]
+    for _ in range(4):
+        layers += [nn.Linear(12, 12), nn.Tanh()]
+    layers.append(nn.Linear(12, 5))
+    return nn.Sequential(*layers).double()
+
+
+def data(step: int):
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(16, 6, generator=g, dtype=F64), torch.randint(0, 5, (16,), generator=g)
+
+
+def backward(model: nn.Module, step: int, poison: bool = False) -> None:
+    model.zero_grad()
+    x, y = data(step)
+    F.cross_entropy(model(x), y).backward()
+    if poison:
+        model[2].weight.grad[0, 0] = float("nan")
+
+
+@pytest.mark.parametrize("inversion,damping_mode", [("eigen", "tikhonov"), ("eigen", "eigen"), ("cholesky", "pi")])
+def test_steady_state_preconditioner_step_reads_nothing_back(inversion, damping_mode):
+    """factor_update_steps=2, inv_update_steps=4: odd steps update neither factors nor inverses.
+    They run with every host read forbidden, KL clip on, one of them with a NaN gradient."""
+    model = stack_model()
+    precond = KFACPreconditioner(model, "cross_entropy", inversion=inversion, damping_mode=damping_mode,
+                                 factor_update_steps=2, inv_update_steps=4, lr=0.1, kl_clip=1e-4,
+                                 factor_dtype=F64, inv_dtype=F64)
+    results = []
+    for step in range(6):
+        poison = step == 3
+        backward(model, step, poison)
+        if step % 2:
+            with no_host_reads():
+                results.append(precond.step())
+        else:
+            results.append(precond.step())
+        grads = [p.grad for p in model.parameters()]
+        if poison:  # skipped: zeros, never NaN
+            assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+        else:
+            assert all(torch.isfinite(g).all() for g in grads)
+    assert [bool(r) for r in results] == [True, True, True, False, True, True]
+    assert precond.stats["nonfinite_grad_steps"] == 1
+    assert precond.stats["factor_updates"] == 3
+    assert 0 < precond.stats["kl_clip_scale"] <= 1
+
+
+def test_steady_state_kfac_step_reads_nothing_back_and_skips_on_device():
+    """KFAC.step in a steady-state step: no host read; with a NaN gradient it changes no
+    parameter and no momentum buffer, exactly as if the step had not happened."""
+    model = stack_model()
+    opt = KFAC(model, lr=0.05, momentum=0.9, weight_decay=1e-3, loss="cross_entropy",
+               factor_update_steps=2, inv_update_steps=4, factor_dtype=F64, inv_dtype=F64)
+    for step in range(3):
+        backward(model, step)
+        opt.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    buffers = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    backward(model, 3, poison=True)
+    with no_host_reads():
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], b) for p, b in zip(model.parameters(), buffers))
+    assert opt.preconditioner.stats["nonfinite_grad_steps"] == 1
+    backward(model, 4)
+    opt.step()  # a factor step
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    before = [p.detach().clone() for p in model.parameters()]
+    backward(model, 5)
+    with no_host_reads():
+        opt.step()
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_kfac_sgd_step_is_torch_sgd():
+    """The device-masked SGD step KFAC takes is torch.optim.SGD's (momentum, Nesterov, weight
+    decay), buffers included: same parameters after several steps on the same gradients."""
+    model = stack_model()
+    for nesterov in (False, True):
+        ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
+        opt = KFAC(ours, lr=0.05, momentum=0.9, weight_decay=1e-2, nesterov=nesterov, loss="cross_entropy",
+                   factor_dtype=F64, inv_dtype=F64)
+        sgd = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2, nesterov=nesterov)
+        for step in range(4):
+            g = torch.Generator().manual_seed(step)
+            grads = [torch.randn(p.shape, generator=g, dtype=F64) for p in ours.parameters()]
+            for p, q, gr in zip(ours.parameters(), theirs.parameters(), grads):
+                p.grad, q.grad = gr.clone(), gr.clone()
+            with torch.no_grad():
+                opt._sgd_step(torch.tensor(True))
+            sgd.step()
+        for p, q in zip(ours.parameters(), theirs.parameters()):
+            assert torch.equal(p, q)
+            assert torch.equal(opt.state[p]["momentum_buffer"], sgd.state[q]["momentum_buffer"])
+
+
+def dense_update(a: torch.Tensor, g: torch.Tensor, grad: torch.Tensor, inversion: str, damping_mode: str, gamma: float):
+    """``(G ⊗ A + damping)⁻¹ vec(∇W̄)`` in float64 from the dense Kronecker matrix."""
+    eye_a, eye_g = torch.eye(len(a), dtype=F64), torch.eye(len(g), dtype=F64)
+    if damping_mode == "eigen":
+        k = torch.kron(g, a) + gamma * torch.eye(len(a) * len(g), dtype=F64)
+    else:
+        pi = math.sqrt((a.trace() / len(a)) / (g.trace() / len(g))) if damping_mode == "pi" else 1.0
+        root = math.sqrt(gamma)
+        k = torch.kron(g + root / pi * eye_g, a + pi * root * eye_a)
+    return torch.linalg.solve(k, grad.flatten()).reshape(grad.shape)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("inversion,damping_mode",
+                         [("eigen", "tikhonov"), ("eigen", "pi"), ("eigen", "eigen"), ("cholesky", "tikhonov")])
+def test_grouped_preconditioning_is_per_block_solve(backend, inversion, damping_mode):
+    """The four same-shape hidden blocks are preconditioned as one batch (stacked inverses, one
+    batched GEMM per side); every block still gets its own ``(G ⊗ A + damping)⁻¹ ∇W̄``."""
+    model = stack_model()
+    precond = KFACPreconditioner(model, "cross_entropy", inversion=inversion, damping_mode=damping_mode,
+                                 damping=1e-2, kl_clip=None, inv_update_steps=1, factor_dtype=F64, inv_dtype=F64,
+                                 backend=backend)
+    for step in range(2):
+        backward(model, step)
+        precond.step()
+    (groups,) = precond._groups.values()
+    assert sorted(len(indices) for indices, _, _ in groups) == [1, 1, 4]
+    stacked = next(a_side for indices, a_side, _ in groups if len(indices) == 4)
+    assert stacked[0].shape[0] == 4  # [4, 13, 13] inverses (or eigenvectors)
+    factors = precond.factors()
+    for block, raw in zip(precond.blocks, precond.last_raw_gradients):
+        a, g = factors[block.name]
+        expected = dense_update(a, g, raw, inversion, damping_mode, 1e-2)
+        got = block.grad_matrix()
+        assert (got - expected).norm() / expected.norm() < 1e-10, block.name
