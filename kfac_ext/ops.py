@@ -12,9 +12,13 @@ Conventions (pinned by ``tests/``):
   bfloat16 or float16 and are cast up to the factor dtype before any arithmetic.
 * Ops take every scale and damping explicitly; none is guessed.
 
-On CUDA, ``factor_update_`` and ``precondition_eigen`` upload a per-layer table from pinned host
-memory at every call, and ``damped_inverse``/``eigen_decompose`` synchronize to decide retries:
-none of them is meant for capture in a CUDA graph.
+On CUDA, ``factor_update_``, ``kron_matmul`` and ``precondition_eigen`` never synchronize or copy
+host to device (per-layer tables travel as kernel parameters), so they can be captured in a CUDA
+graph; ``damped_inverse`` and ``eigen_decompose`` read their statuses back once per call (to retry
+float32 failures in float64) and refuse to run under capture.
+
+``kron_matmul`` and ``precondition_eigen`` also take batched entries: a leading dimension ``k`` on
+every tensor of one entry holds ``k`` layers of one shape, done as one batched GEMM per side.
 
 An empty list raises ``ValueError``; every other bad argument raises ``RuntimeError`` from the
 native check, naming the op and the argument. Failed inversions never raise: they are reported per factor through a :class:`Status` tensor and
@@ -150,9 +154,10 @@ def kron_matmul(
     Args:
         lefts: ``[m_i, p_i]`` float32/float64; rights: ``[n_i, q_i]`` in the same dtype.
         mats: ``[p_i, q_i]`` of any supported float dtype, cast up to the lefts' dtype.
+        An entry may be batched: ``[k_i, m_i, p_i]``, ``[k_i, p_i, q_i]``, ``[k_i, n_i, q_i]``.
 
     Returns:
-        ``[m_i, n_i]`` results in the mats' dtype.
+        ``[m_i, n_i]`` (or ``[k_i, m_i, n_i]``) results in the mats' dtype.
     """
     lefts = _nonempty("kron_matmul", "lefts", lefts)
     return torch.ops.kfac_ext.kron_matmul(lefts, list(mats), list(rights))
@@ -189,6 +194,8 @@ def precondition_eigen(
         damping: ``γ >= 0`` per layer or one for all. With ``γ = 0`` a zero eigenvalue product
             divides by zero; pass ``γ > 0`` unless the factors are known to be positive definite.
             Factored (Tikhonov) damping is ``λ_G + γ_G``, ``λ_A + γ_A`` added by the caller.
+
+    An entry may be batched: a leading ``k_i`` on its eigenvectors, eigenvalues and gradient.
     """
     grads = _nonempty("precondition_eigen", "grads", grads)
     return torch.ops.kfac_ext.precondition_eigen(
