@@ -75,11 +75,19 @@ REMOTE: tuple = ()
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel`` wrapper (so that layer, factor and
-    ``state_dict`` names carry no ``module.`` prefix), or ``model`` itself."""
+    """The module inside ``DistributedDataParallel`` and ``torch.compile`` wrappers, in any
+    nesting (so that layer, factor and ``state_dict`` names carry no ``module.`` or
+    ``_orig_mod.`` prefix), or ``model`` itself."""
+    from torch._dynamo.eval_frame import OptimizedModule
     from torch.nn.parallel import DistributedDataParallel
 
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif isinstance(model, OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def check_grad_worker_fraction(value: float) -> float:

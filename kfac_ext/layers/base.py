@@ -130,11 +130,16 @@ the output gradient to the ``[examples, ...]`` layout the blocks expect."""
 class Hook:
     """A module hook that a copy of the module does not keep: ``copy.deepcopy(model)`` (an EMA
     model, an evaluation copy) gets an inert hook, so the copy runs unobserved and the copy itself
-    never drags the preconditioner along."""
+    never drags the preconditioner along.
+
+    Under ``torch.compile`` the hook runs eagerly, outside the graph (a graph break at each hooked
+    module): traced, its Python state (step counters, pending lists) would become guards and
+    recompile the model at every step."""
 
     def __init__(self, fn: Callable):
         self.fn = fn
 
+    @torch.compiler.disable
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
 
