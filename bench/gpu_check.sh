@@ -1,42 +1,171 @@
 #!/usr/bin/env bash
-# The GPU check, in one call on a machine with a CUDA GPU and no network (see
-# ../.library/device): build from source, CUDA tests, compute-sanitizer memcheck + racecheck on
-# every kernel, a short op benchmark; the table is printed last. Logs go to $OUT (or ./gpu-out).
-#   bash bench/gpu_check.sh
-# The device's python3 is already a venv holding torch: install into it (the machine is thrown
-# away afterwards). `-P` keeps the repo root off sys.path, so ./kfac_ext (no _C) never shadows
-# the installed package.
+# The GPU check, in two parts that each fit one call of at most 5 minutes on a machine with a
+# CUDA GPU and no network (see ../.library/device):
+#   bash bench/gpu_check.sh 1   build from source; CUDA tests (pytest -m cuda); bench/cuda_smoke.py;
+#                               then cuda_smoke.py under compute-sanitizer (memcheck, racecheck,
+#                               synccheck, initcheck) if compute-sanitizer works on this runtime
+#                               (it is probed first; "compute-sanitizer unavailable: <reason>"
+#                               otherwise, and the numeric checks above still count)
+#   bash bench/gpu_check.sh 2   build only if kfac_ext._C (with CUDA) does not import; the op benchmark's
+#                               large-rows / small-factor cases (bench_ops.py --large-rows); the
+#                               whole step (bench_step.py: ResNet-50, GPT-2 small and the zoo,
+#                               inversion every step and amortised)
+#   bash bench/gpu_check.sh     both, one after the other
+# Each part runs its steps under `timeout`s that together stay inside BUDGET seconds (default
+# 285): a step gets what is left of the budget, up to its own cap, and is skipped when under 15 s
+# are left. Logs go to $OUT (default ./gpu-out), at most 8 files per part (the device tool
+# returns 8 files a call: run the parts as separate calls there). A summary table (step | result |
+# seconds | log file) is printed LAST; the exit status is nonzero if any step failed or timed out,
+# except a sanitizer that ran out of time (reported "TIMEOUT (incomplete)" or skipped: the plain
+# runs before it already checked the numbers and would have caught a hang).
+#
+# Device facts: Python 3.12, torch 2.11 + CUDA 13 (nvcc 13.0), offline; its python3 is already a
+# venv holding torch: install into it (the machine is thrown away afterwards). `-P` keeps the repo
+# root off sys.path for `python -m` / `python -c`, so ./kfac_ext (no _C) never shadows the
+# installed package; `python bench/x.py` puts bench/ (not the root) first, so it needs no -P.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-status=0
-step() { echo "== $1"; }
+BUDGET=${BUDGET:-285}
+CUDAARCHS=${CUDAARCHS:-90}
+export PYTHONUNBUFFERED=1  # a step cut off by its timeout still leaves what it printed
+SUMMARY=()
+failed=0
+PART_START=$SECONDS
 
-step "build (CUDAARCHS=${CUDAARCHS:=90})"
-KFAC_EXT_WITH_CUDA=ON CUDAARCHS=$CUDAARCHS timeout 300 $PY -m pip install --no-index --no-build-isolation \
-  --no-deps -C build-dir=build/gpu . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-$PY -P -c "import kfac_ext, torch; print(kfac_ext.build_info(), torch.__version__, torch.cuda.get_device_name())"
+record() { SUMMARY+=("| $1 | $2 | $3 | $4 |"); }
 
-step "CUDA tests"
-timeout 240 $PY -P -m pytest tests -q -m cuda -p no:cacheprovider > "$OUT/pytest-cuda.log" 2>&1 || status=1
-tail -5 "$OUT/pytest-cuda.log"
+# run_step NAME CAP LOG COMMAND [soft]: runs COMMAND (a bash string) with its output in $OUT/LOG
+# under a timeout of min(CAP, seconds left in this part's budget); "soft": a timeout, or a skip
+# for want of time, does not fail the check. Returns COMMAND's status (2: skipped).
+run_step() {
+  local name=$1 cap=$2 log=$3 cmd=$4 soft=${5:-}
+  local left=$((BUDGET - (SECONDS - PART_START)))
+  local limit=$((cap < left ? cap : left))
+  if ((limit < 15)); then
+    echo "== $name: skipped, ${left}s of the ${BUDGET}s budget left"
+    record "$name" "SKIP (no time left)" 0 "-"
+    [[ -n $soft ]] || failed=1
+    return 2
+  fi
+  echo "== $name (timeout ${limit}s) > $OUT/$log"
+  local start=$SECONDS rc
+  timeout -k 5 "$limit" bash -c "$cmd" >"$OUT/$log" 2>&1
+  rc=$?
+  local took=$((SECONDS - start))
+  if ((rc == 0)); then
+    record "$name" PASS "$took" "$OUT/$log"
+  elif ((rc == 124 || rc == 137)) && [[ -n $soft ]]; then
+    record "$name" "TIMEOUT (${limit}s, incomplete)" "$took" "$OUT/$log"
+  else
+    if ((rc == 124 || rc == 137)); then
+      record "$name" "TIMEOUT (${limit}s)" "$took" "$OUT/$log"
+    else
+      record "$name" "FAIL (exit $rc)" "$took" "$OUT/$log"
+    fi
+    failed=1
+    tail -n 15 "$OUT/$log"
+  fi
+  return $rc
+}
 
-# memcheck without torch's caching allocator: otherwise an overrun lands in a neighbouring
-# tensor of the same cached block and goes unseen. racecheck covers shared memory only.
-step "compute-sanitizer memcheck"
-PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 \
-  $PY -P bench/cuda_smoke.py > "$OUT/sanitizer-memcheck.log" 2>&1 || status=1
-tail -4 "$OUT/sanitizer-memcheck.log"
-step "compute-sanitizer racecheck"
-timeout 240 compute-sanitizer --tool racecheck --error-exitcode 9 \
-  $PY -P bench/cuda_smoke.py > "$OUT/sanitizer-racecheck.log" 2>&1 || status=1
-tail -4 "$OUT/sanitizer-racecheck.log"
+build() {
+  run_step "build (CUDAARCHS=$CUDAARCHS)" "$1" build.log \
+    "KFAC_EXT_WITH_CUDA=ON CUDAARCHS=$CUDAARCHS $PY -m pip install --no-index --no-build-isolation --no-deps \
+       -C build-dir=build/gpu . && \
+     $PY -P -c 'import kfac_ext, torch; print(kfac_ext.build_info(), torch.__version__, torch.cuda.get_device_name())'"
+}
 
-step "op benchmark (quick)"
-timeout 200 $PY -P bench/bench_ops.py --quick --device cuda --out "$OUT" > "$OUT/bench.md" 2> "$OUT/bench.err" \
-  || status=1
-echo "gpu_check exit status: $status (0 = all passed)"
-cat "$OUT/bench.md"
-exit $status
+# Sets SANITIZER (the binary) and FILTER (its --kernel-name option, possibly empty) if
+# compute-sanitizer runs a trivial CUDA program here; prints why not otherwise.
+probe_sanitizer() {
+  local log="$OUT/sanitizer-probe.log" start=$SECONDS reason="" filter limit
+  local trivial="$PY -P -c \"import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()\""
+  SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+  : >"$log"
+  if [[ -z $SANITIZER ]]; then
+    reason="compute-sanitizer not found (PATH, /usr/local/cuda/bin)"
+  fi
+  # Only the project's kernels (namespace kfac) are instrumented: torch's own are not ours to
+  # check and would take minutes. If this version rejects the option, probe again without it.
+  for filter in "--kernel-name kns=kfac" ""; do
+    [[ -z $reason ]] || break
+    limit=$((BUDGET - (SECONDS - PART_START)))
+    ((limit > 45)) && limit=45
+    if ((limit < 15)); then reason="no time left in the budget"; break; fi
+    echo "== $SANITIZER --tool memcheck $filter <trivial torch program>" >>"$log"
+    if timeout -k 5 "$limit" bash -c "$SANITIZER --tool memcheck --error-exitcode 9 $filter $trivial" >>"$log" 2>&1; then
+      FILTER=$filter
+      record "compute-sanitizer probe" "PASS (filter: ${filter:-none})" $((SECONDS - start)) "$log"
+      return 0
+    fi
+    reason=$(grep -v -e '^== ' -e 'error-exitcode' "$log" | grep -m1 -iE "not supported|error|unrecognized|unknown|invalid" | sed 's/^[= ]*//')
+    [[ -n $reason ]] || reason="no answer within ${limit}s"
+    if [[ -n $filter ]] && grep -qiE "kernel-name|unrecognized|unknown option|invalid option" "$log"; then
+      reason=""  # the option, not the device: try without it
+    fi
+  done
+  reason=${reason//|/}
+  echo "compute-sanitizer unavailable: $reason"
+  record "compute-sanitizer probe" "SKIP (unavailable: ${reason:0:120})" $((SECONDS - start)) "$log"
+  SANITIZER=""
+}
+
+part1() {
+  PART_START=$SECONDS
+  build 150 || { BUILD_FAILED=1; return 1; }
+  local xdist=""
+  $PY -P -c "import xdist" >/dev/null 2>&1 && xdist="-n 4"
+  run_step "CUDA tests (pytest -m cuda)" 100 pytest-cuda.log \
+    "$PY -P -m pytest tests -q -m cuda -p no:cacheprovider $xdist" && tail -n 1 "$OUT/pytest-cuda.log"
+  run_step "cuda_smoke.py" 60 cuda-smoke.log "$PY bench/cuda_smoke.py" && tail -n 1 "$OUT/cuda-smoke.log"
+  probe_sanitizer
+  [[ -n $SANITIZER ]] || return 0
+  # memcheck without torch's caching allocator: otherwise an overrun lands in a neighbouring
+  # tensor of the same cached block and goes unseen (cuda_smoke.py then skips its graph capture,
+  # which needs that allocator; the other tools cover it). racecheck covers shared memory only.
+  # initcheck runs unfiltered: memory written by kernels it does not instrument would otherwise
+  # look uninitialized to it.
+  local tool opts cap env
+  for tool in memcheck racecheck synccheck initcheck; do
+    opts="--tool $tool --error-exitcode 9 $FILTER" cap=60 env=""
+    case $tool in
+      memcheck) cap=75 env="PYTORCH_NO_CUDA_MEMORY_CACHING=1" ;;
+      initcheck) opts="--tool $tool --error-exitcode 9" ;;
+    esac
+    run_step "compute-sanitizer $tool" $cap "sanitizer-$tool.log" \
+      "$env $SANITIZER $opts $PY bench/cuda_smoke.py" soft && tail -n 1 "$OUT/sanitizer-$tool.log"
+  done
+}
+
+part2() {
+  PART_START=$SECONDS
+  [[ -z ${BUILD_FAILED:-} ]] || return 1
+  if ! $PY -P -c "import kfac_ext._C, kfac_ext; assert kfac_ext.build_info()['built_with_cuda']" >/dev/null 2>&1; then
+    build 130 || return 1
+  fi
+  run_step "op benchmark (--large-rows)" 90 bench-ops.log \
+    "$PY bench/bench_ops.py --large-rows --device cuda --min-run-time 0.05 --out $OUT"
+  run_step "step benchmark (ResNet-50, GPT-2 small, zoo)" 240 bench-step.log \
+    "$PY bench/bench_step.py --device cuda --models resnet,gpt2,mlp,cnn,transformer --min-run-time 0.1 --out $OUT"
+  echo
+  grep -E '^(\||ops-cuda)' "$OUT/bench-ops.log" 2>/dev/null
+  echo
+  grep -E '^(\||step-cuda)' "$OUT/bench-step.log" 2>/dev/null
+}
+
+case ${1:-all} in
+  1) part1 ;;
+  2) part2 ;;
+  all) part1; part2 ;;
+  *) echo "usage: bash bench/gpu_check.sh [1|2]" >&2; exit 2 ;;
+esac
+
+echo
+echo "gpu_check part ${1:-1 and 2} summary ($OUT):"
+echo "| step | result | seconds | log file |"
+echo "|---|---|---:|---|"
+printf '%s\n' "${SUMMARY[@]}"
+exit $failed
