@@ -376,7 +376,7 @@ class KFACPreconditioner:
         self._terms = max(1, self.loss.num_terms(logits, mask))
         if self.fisher_type == "empirical" or not logits.requires_grad:
             return
-        if not bool(torch.isfinite(logits).all()):
+        if not bool(_all_finite([logits.detach()])):
             self._nonfinite_capture = True  # no targets can be drawn: the factor update is skipped
             return
         w = 1.0 / self._terms if self.reduction == "mean" else 1.0
@@ -539,9 +539,11 @@ class KFACPreconditioner:
         if not have:
             self._no_statistics()
             return
-        a_steps = [self._a_sum[b.name] / self._a_rows[b.name] for b in have]
-        g_steps = [self._g_sum[b.name] / self._forwards for b in have]
-        finite = torch.stack([torch.isfinite(t).all() for t in a_steps + g_steps]).all()
+        # This step's A = Σāāᵀ / rows and G = Σ w g gᵀ / forwards: the sums with their weights,
+        # so the EMA scales each sum once (no separate division pass).
+        a_steps = [(self._a_sum[b.name], 1.0 / self._a_rows[b.name]) for b in have]
+        g_steps = [(self._g_sum[b.name], 1.0 / self._forwards) for b in have]
+        finite = _all_finite([t for t, _ in a_steps + g_steps])
         if self._dist is not None:  # all ranks skip together
             finite = self._dist.all_finite(finite)
         if not bool(finite):
@@ -549,11 +551,11 @@ class KFACPreconditioner:
             return
         rho = float(_value(self.factor_decay, self.steps))
         for block, a, g in zip(have, a_steps, g_steps):
-            for store, new in ((self._a, a), (self._g, g)):
+            for store, (total, weight) in ((self._a, a), (self._g, g)):
                 if block.name in store:
-                    store[block.name].mul_(rho).add_(new, alpha=1 - rho)
-                else:
-                    store[block.name] = new
+                    store[block.name].mul_(rho).add_(total, alpha=(1 - rho) * weight)
+                else:  # out of place: blocks sharing their inputs share one sum
+                    store[block.name] = total * weight
         if self._dist is not None:  # mean over the ranks
             self._dist.average_factors([self._a[b.name] for b in have] + [self._g[b.name] for b in have])
         self._stats["factor_updates"] += 1
@@ -891,9 +893,13 @@ def _bytes(tensors: list[Tensor]) -> int:
 
 
 def _all_finite(tensors: list[Tensor]) -> Tensor:
-    """A 0-d bool on the device: every element of every tensor is finite. The largest magnitude
-    per tensor is NaN or inf iff the tensor holds one, and cannot overflow as a sum could."""
-    return torch.stack([t.abs().amax() if t.numel() else t.new_zeros(()) for t in tensors]).isfinite().all()
+    """A 0-d bool on the device: every element of every tensor is finite. A tensor's smallest and
+    largest elements are NaN or ±inf iff it holds one: one pass per tensor (``isfinite().all()``
+    takes four) and, unlike a sum, no overflow."""
+    extremes = [torch.stack(torch.aminmax(t)).float() for t in tensors if t.numel()]
+    if not extremes:
+        return torch.ones((), dtype=torch.bool, device=tensors[0].device)
+    return torch.cat(extremes).isfinite().all()
 
 
 def _dot(u: Tensor, g: Tensor) -> Tensor:

@@ -60,9 +60,11 @@ at::Tensor finite_per_matrix(const at::Tensor& batch) {
 
 // Matrices whose flag is unset are swapped for the identity before the next library call, so it
 // never sees NaN (unspecified behaviour) or a failed factor (cholesky_inverse throws on a zero
-// pivot and would lose the whole batch); their results are discarded anyway. Decided on the
-// device: no flag is read back here.
+// pivot and would lose the whole batch); their results are discarded anyway. On CUDA this is
+// decided on the device (no read back); on CPU reading the flags is free, and the common case,
+// every flag set, skips the pass.
 at::Tensor identity_where_not(const at::Tensor& batch, const at::Tensor& keep) {
+  if (batch.is_cpu() && keep.all().item<bool>()) return batch;
   const at::Tensor eye = at::eye(batch.size(-1), batch.options());
   return at::where(keep.view({-1, 1, 1}), batch, eye);
 }
