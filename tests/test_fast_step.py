@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kfac_ext
 from kfac_ext import KFAC, KFACPreconditioner
 
 F64 = torch.float64
@@ -182,3 +183,42 @@ def test_grouped_preconditioning_is_per_block_solve(backend, inversion, damping_
         expected = dense_update(a, g, raw, inversion, damping_mode, 1e-2)
         got = block.grad_matrix()
         assert (got - expected).norm() / expected.norm() < 1e-10, block.name
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and kfac_ext.build_info()["built_with_cuda"]),
+                    reason="needs a CUDA device and the CUDA build")
+@pytest.mark.parametrize("inversion,damping_mode", [("eigen", "tikhonov"), ("eigen", "eigen"), ("cholesky", "tikhonov")])
+def test_steady_state_step_on_cuda_never_synchronizes(inversion, damping_mode):
+    """torch.cuda.set_sync_debug_mode("error") raises on any synchronizing call: steady-state
+    KFAC steps (forward and backward included) run under it, one with a NaN gradient."""
+    model = stack_model().cuda()
+    opt = KFAC(model, lr=0.05, loss="cross_entropy", inversion=inversion, damping_mode=damping_mode,
+               factor_update_steps=2, inv_update_steps=4, factor_dtype=F64, inv_dtype=F64)
+    batches = [tuple(t.cuda() for t in data(step)) for step in range(6)]
+
+    def step(i, poison=False):
+        model.zero_grad()
+        x, y = batches[i]
+        F.cross_entropy(model(x), y).backward()
+        if poison:
+            model[2].weight.grad[0, 0] = float("nan")
+        opt.step()
+
+    for i in range(3):
+        step(i)
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(3, poison=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    step(4)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert opt.preconditioner.stats["nonfinite_grad_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
