@@ -633,7 +633,13 @@ class KFACPreconditioner:
     def _invert_dense(self, factors: list[Tensor], damping: list[float]) -> tuple[list[tuple], list[int]]:
         """Per factor ``(inverse,)`` in the inverse form (cholesky, or eigen with factored
         damping: ``Q diag(1 / (λ + d)) Qᵀ``, so that preconditioning takes 2 GEMMs per block,
-        not 4), else ``(λ + d, Q)``."""
+        not 4), else ``(λ + d, Q)``. Identical factors with identical damping (the A factors of
+        self-attention's q, k and v) are inverted once and share the result."""
+        firsts, source = _distinct(factors, damping)
+        results, status = self._invert_distinct([factors[i] for i in firsts], [damping[i] for i in firsts])
+        return [results[j] for j in source], [status[j] for j in source]
+
+    def _invert_distinct(self, factors: list[Tensor], damping: list[float]) -> tuple[list[tuple], list[int]]:
         if self.inversion == "cholesky":
             inverses, status = self.ops.damped_inverse(factors, damping)
             results = [(inv,) for inv in inverses]
@@ -907,6 +913,25 @@ def _dot(u: Tensor, g: Tensor) -> Tensor:
     if u.dtype in (torch.float16, torch.bfloat16):
         u, g = u.float(), g.float()
     return torch.vdot(u.reshape(-1), g.reshape(-1)).double()
+
+
+def _distinct(factors: list[Tensor], damping: list[float]) -> tuple[list[int], list[int]]:
+    """``(firsts, source)``: the indices of the first of each set of equal (factor, damping)
+    pairs, and for every factor the position in ``firsts`` of its equal. Sums are compared first
+    (one read back for all), elements only where sums agree."""
+    sums = torch.stack([f.sum().to(torch.float64) for f in factors]).tolist()
+    firsts: list[int] = []
+    source: list[int] = []
+    by_key: dict[tuple, list[int]] = {}
+    for i, f in enumerate(factors):
+        key = (f.shape, f.dtype, f.device, damping[i], sums[i])
+        same = next((j for j in by_key.get(key, []) if torch.equal(factors[firsts[j]], f)), None)
+        if same is None:
+            same = len(firsts)
+            firsts.append(i)
+            by_key.setdefault(key, []).append(same)
+        source.append(same)
+    return firsts, source
 
 
 def _stack(tensors: list) -> Any:

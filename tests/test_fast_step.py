@@ -222,3 +222,43 @@ def test_steady_state_step_on_cuda_never_synchronizes(inversion, damping_mode):
         torch.cuda.set_sync_debug_mode("default")
     assert opt.preconditioner.stats["nonfinite_grad_steps"] == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_identical_factors_are_inverted_once():
+    """Self-attention's q, k and v see the same input: their A factors are equal and are inverted
+    once (one result shared by the three blocks), with the same updates as inverting each."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(8, 2, batch_first=True).double()
+    head = nn.Linear(8, 3).double()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention, self.head = attention, head
+
+        def forward(self, x):
+            return self.head(self.attention(x, x, x, need_weights=False)[0].mean(1))
+
+    net = Net()
+    x, y = torch.randn(5, 4, 8, dtype=F64), torch.randint(0, 3, (5,))
+    precond = KFACPreconditioner(net, "cross_entropy", kl_clip=None, factor_dtype=F64, inv_dtype=F64)
+    seen = []
+    decompose = precond.ops.eigen_decompose
+
+    def counting(factors):
+        seen.append(len(factors))
+        return decompose(factors)
+
+    precond.ops = type("Ops", (), dict(vars(precond.ops), eigen_decompose=staticmethod(counting)))
+    F.cross_entropy(net(x), y).backward()
+    precond.step()
+    names = [b.name for b in precond.blocks]
+    assert names == ["attention.q", "attention.k", "attention.v", "attention.out_proj", "head"]
+    assert seen == [2 * len(names) - 2]  # q, k, v: one A between them
+    a_inverses = [precond._inv[n][0][0] for n in names[:3]]
+    assert torch.equal(a_inverses[0], a_inverses[1]) and torch.equal(a_inverses[0], a_inverses[2])
+    factors = precond.factors()
+    for block, raw in zip(precond.blocks, precond.last_raw_gradients):
+        a, g = factors[block.name]
+        expected = dense_update(a, g, raw, "eigen", "tikhonov", 1e-3)
+        assert (block.grad_matrix() - expected).norm() / expected.norm() < 1e-9, block.name
