@@ -149,7 +149,7 @@ part2() {
   run_step "op benchmark (--large-rows)" 90 bench-ops.log \
     "$PY bench/bench_ops.py --large-rows --device cuda --min-run-time 0.05 --out $OUT"
   run_step "step benchmark (ResNet-50, GPT-2 small, zoo)" 240 bench-step.log \
-    "$PY bench/bench_step.py --device cuda --models resnet,gpt2,mlp,cnn,transformer --min-run-time 0.1 --out $OUT"
+    "$PY bench/bench_step.py --device cuda --models resnet,gpt2,mlp,cnn,transformer --min-run-time 0.1 --rounds 1 --out $OUT"
   echo
   grep -E '^(\||ops-cuda)' "$OUT/bench-ops.log" 2>/dev/null
   echo

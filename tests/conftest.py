@@ -15,6 +15,12 @@ import torch
 
 import kfac_ext
 
+# float32 GEMMs at full precision: the tolerances derive from float32's eps, which TF32 (10-bit
+# mantissa) or bf16 GEMMs would exceed. kfac_ext's GEMMs follow these torch settings.
+torch.set_float32_matmul_precision("highest")
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
 CUDA_AVAILABLE = torch.cuda.is_available()
 BUILT_WITH_CUDA = bool(kfac_ext.build_info()["built_with_cuda"])
 HAS_CUDA = CUDA_AVAILABLE and BUILT_WITH_CUDA
