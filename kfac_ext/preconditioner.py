@@ -813,6 +813,7 @@ class KFACPreconditioner:
         self._g = {name: to(name, g) for name, (_, g) in state["factors"].items()}
         self._inv = {name: tuple(tuple(to(name, t) for t in side) for side in sides)
                      for name, sides in state["inverses"].items()}
+        self._groups = {}
         self._load_generator(state["generator"])
         if self._dist is not None:  # other ranks than the saving one start their own stream
             self._dist.load_generator(state)
@@ -902,7 +903,7 @@ def _all_finite(tensors: list[Tensor]) -> Tensor:
     """A 0-d bool on the device: every element of every tensor is finite. A tensor's smallest and
     largest elements are NaN or ±inf iff it holds one: one pass per tensor (``isfinite().all()``
     takes four) and, unlike a sum, no overflow."""
-    extremes = [torch.stack(torch.aminmax(t)).float() for t in tensors if t.numel()]
+    extremes = [torch.stack(torch.aminmax(t)).double() for t in tensors if t.numel()]
     if not extremes:
         return torch.ones((), dtype=torch.bool, device=tensors[0].device)
     return torch.cat(extremes).isfinite().all()

@@ -262,3 +262,24 @@ def test_identical_factors_are_inverted_once():
         a, g = factors[block.name]
         expected = dense_update(a, g, raw, "eigen", "tikhonov", 1e-3)
         assert (block.grad_matrix() - expected).norm() / expected.norm() < 1e-9, block.name
+
+
+def test_loading_a_checkpoint_replaces_the_stacked_inverses():
+    """A preconditioner that already stepped (its same-shape blocks' inverses stacked and cached)
+    preconditions with the loaded inverses after load_state_dict, not with its own."""
+    saved_model, used_model = stack_model(), stack_model()
+    kwargs = dict(loss="cross_entropy", kl_clip=None, inv_update_steps=100, factor_dtype=F64, inv_dtype=F64)
+    saved, used = KFACPreconditioner(saved_model, **kwargs), KFACPreconditioner(used_model, **kwargs)
+    for step in range(2):
+        backward(saved_model, step)
+        saved.step()
+        backward(used_model, 10 + step)  # other data: other factors and inverses
+        used.step()
+    used.load_state_dict(copy.deepcopy(saved.state_dict()))
+    used_model.load_state_dict(saved_model.state_dict())
+    backward(saved_model, 5)
+    saved.step()
+    backward(used_model, 5)
+    used.step()
+    for p, q in zip(saved_model.parameters(), used_model.parameters()):
+        assert torch.equal(p.grad, q.grad)
