@@ -2,6 +2,8 @@
 
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/all.h>
+#include <ATen/ops/amax.h>
+#include <ATen/ops/amin.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/cholesky_inverse.h>
 #include <ATen/ops/eye.h>
@@ -54,8 +56,12 @@ at::Tensor stack_symmetrized(at::TensorList factors, const std::vector<size_t>& 
   return (batch + batch.mT()).mul_(0.5);
 }
 
+// Per matrix: every element finite. The smallest and largest elements are NaN or +-inf iff the
+// matrix holds one: two vectorized reductions (isfinite + all take four passes; aminmax along a
+// dim is 4-6x slower than amax + amin on CPU, measured).
 at::Tensor finite_per_matrix(const at::Tensor& batch) {
-  return at::isfinite(batch).flatten(1).all(1);
+  const at::Tensor flat = batch.flatten(1);
+  return at::isfinite(at::amax(flat, 1)).logical_and_(at::isfinite(at::amin(flat, 1)));
 }
 
 // Matrices whose flag is unset are swapped for the identity before the next library call, so it
@@ -84,13 +90,17 @@ void add_damping(const at::Tensor& batch, at::ArrayRef<double> damping,
   }
 }
 
-// (L L^T)^-1 from the lower Cholesky factor. On CUDA, cholesky_inverse reads its status back to
-// the host (a synchronization); a batched triangular solve and a GEMM do the same without one.
+// (L L^T)^-1 from the lower Cholesky factor, exactly symmetric and row-major. On CPU,
+// cholesky_inverse (LAPACK potri) mirrors one computed triangle, so its column-major result read
+// transposed is the row-major matrix itself. On CUDA, cholesky_inverse reads its status back to
+// the host (a synchronization); a batched triangular solve and a GEMM do the same without one,
+// and the product is averaged with its transpose for exact symmetry.
 at::Tensor inverse_from_cholesky(const at::Tensor& chol) {
-  if (chol.is_cpu()) return at::cholesky_inverse(chol);
+  if (chol.is_cpu()) return at::cholesky_inverse(chol).mT().contiguous();
   const at::Tensor eye = at::eye(chol.size(-1), chol.options()).expand_as(chol);
   const at::Tensor l_inv = at::linalg_solve_triangular(chol, eye, /*upper=*/false);
-  return at::matmul(l_inv.mT(), l_inv);
+  const at::Tensor product = at::matmul(l_inv.mT(), l_inv);
+  return (product + product.mT()).mul_(0.5);
 }
 
 // Results are slices of one batch; outputs must not alias each other, so slices get their own
@@ -109,10 +119,10 @@ PendingBucket enqueue_inverse(at::TensorList factors, at::ArrayRef<double> dampi
   // A pivot that overflowed (inf) passes LAPACK's check; it shows on the diagonal.
   const at::Tensor factored =
       info.eq(0).logical_and(at::isfinite(chol_raw.diagonal(0, -2, -1)).all(-1));
-  at::Tensor inv = inverse_from_cholesky(identity_where_not(chol_raw, factored));
-  // Exactly symmetric and contiguous, in the factors' dtype; a float64 retry may overflow
-  // float32 in the cast, which the ok flag catches.
-  inv = (inv + inv.mT()).mul_(0.5).to(factors[bucket[0]].scalar_type()).contiguous();
+  // In the factors' dtype: a float64 retry may overflow float32 in the cast, which the ok flag
+  // catches.
+  const at::Tensor inv = inverse_from_cholesky(identity_where_not(chol_raw, factored))
+                             .to(factors[bucket[0]].scalar_type());
   const at::Tensor ok = finite.logical_and(factored).logical_and(finite_per_matrix(inv));
   return {bucket, finite, ok, at::Tensor(), inv, false};
 }
