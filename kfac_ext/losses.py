@@ -93,10 +93,14 @@ class CrossEntropy(Loss):
         return int(mask.sum()) if mask is not None else output.numel() // output.shape[-1]
 
     def sample_output_grads(self, output, generator, mask=None):
-        p = torch.softmax(_stat(output), dim=-1)
-        flat = p.reshape(-1, p.shape[-1])
-        y = torch.multinomial(flat, 1, generator=generator).squeeze(1)
-        v = (flat - F.one_hot(y, p.shape[-1]).to(p.dtype)).reshape(p.shape)
+        log_p = torch.log_softmax(_stat(output), dim=-1)
+        # Gumbel-max, y = argmax(log p - log(-log u)), u ~ U[0, 1): a draw from p that, unlike
+        # torch.multinomial, neither checks the probabilities on the host nor asserts on the device
+        # when the logits hold NaN/inf (the factor update's finite check then drops the step).
+        u = torch.rand(log_p.shape, generator=generator, device=log_p.device, dtype=log_p.dtype)
+        y = (log_p - torch.log(-torch.log(u))).argmax(-1)
+        p = log_p.exp()
+        v = p - F.one_hot(y, p.shape[-1]).to(p.dtype)
         return _masked(v, mask).to(output.dtype)
 
     def hessian_sqrt(self, output, mask=None):
@@ -169,7 +173,8 @@ class BCEWithLogits(_Elementwise):
 
     def sample_output_grads(self, output, generator, mask=None):
         s = torch.sigmoid(_stat(output))
-        y = torch.bernoulli(s, generator=generator)
+        # y ~ Bernoulli(s) as u < s: unlike torch.bernoulli, no device assert on a NaN probability.
+        y = (torch.rand(s.shape, generator=generator, device=s.device, dtype=s.dtype) < s).to(s.dtype)
         # ℓ_n is w times a Bernoulli NLL: sqrt(w) ∇NLL has E[v vᵀ] = w diag(s(1-s)) = ∇²ℓ_n.
         return (math.sqrt(self._element_weight(output)) * (s - y)).to(output.dtype)
 

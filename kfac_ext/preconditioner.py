@@ -376,9 +376,8 @@ class KFACPreconditioner:
         self._terms = max(1, self.loss.num_terms(logits, mask))
         if self.fisher_type == "empirical" or not logits.requires_grad:
             return
-        if not bool(_all_finite([logits.detach()])):
-            self._nonfinite_capture = True  # no targets can be drawn: the factor update is skipped
-            return
+        # Non-finite logits give non-finite sampled gradients, hence statistics: the factor
+        # update's finite check drops them (no read back here).
         w = 1.0 / self._terms if self.reduction == "mean" else 1.0
         if self.fisher_type == "mc":
             directions = [self.loss.sample_output_grads(logits, self.generator, mask) for _ in range(self.mc_samples)]
@@ -427,7 +426,9 @@ class KFACPreconditioner:
                 continue
             self._a_rows[block.name] = self._a_rows.get(block.name, 0) + rows.shape[0]
             if block.a_diagonal:
-                counts = torch.bincount(rows, minlength=block.a_dim).to(self.factor_dtype)
+                # index_add_, not bincount: bincount reads the largest index back to the host
+                counts = torch.zeros(block.a_dim, dtype=self.factor_dtype, device=rows.device)
+                counts.index_add_(0, rows, torch.ones(rows.shape, dtype=self.factor_dtype, device=rows.device))
                 _accumulate(self._a_sum, block.name, counts)
             else:
                 dense.append((block, rows))
@@ -481,10 +482,9 @@ class KFACPreconditioner:
             finite = self._dist.all_finite(finite)
         if self._is_factor_step():
             self._check_model_unchanged()
-            if not bool(finite):  # a factor step reads the flag: the statistics depend on it
-                return self._nonfinite_step(grads, finite)
             self._flush()
-            self._update_factors()
+            if not self._update_factors(finite):
+                return self._nonfinite_step(grads, finite)
         if self._a and (self._inv.keys() != self._a.keys() or self.steps % max(1, int(_value(self.inv_update_steps, self.steps))) == 0):
             self._update_inverses()
         self._precondition(grads, finite)
@@ -522,13 +522,11 @@ class KFACPreconditioner:
                 )
         self._module_count = count
 
-    def _update_factors(self) -> None:
+    def _update_factors(self, grads_finite: Tensor) -> bool:
+        """The moving average of the step's statistics. Returns False iff the gradients were not
+        finite (then nothing is updated). The gradients' and the statistics' finite flags are read
+        back together: one synchronization per factor step."""
         have = [b for b in self.blocks if b.name in self._a_sum and b.name in self._g_sum]
-        if self._nonfinite_capture:
-            if self._dist is not None:  # the other ranks wait for this rank's vote
-                self._dist.all_finite(False)
-            self._stats["skipped_factor_updates"] += 1
-            return
         if self._dist is not None and len(have) != len(self.blocks):
             missing = [b.name for b in self.blocks if b not in have]
             raise RuntimeError(
@@ -537,18 +535,23 @@ class KFACPreconditioner:
                 "others in skip_layers)"
             )
         if not have:
+            if not bool(grads_finite):
+                return False
             self._no_statistics()
-            return
+            return True
         # This step's A = Σāāᵀ / rows and G = Σ w g gᵀ / forwards: the sums with their weights,
         # so the EMA scales each sum once (no separate division pass).
         a_steps = [(self._a_sum[b.name], 1.0 / self._a_rows[b.name]) for b in have]
         g_steps = [(self._g_sum[b.name], 1.0 / self._forwards) for b in have]
-        finite = _all_finite([t for t, _ in a_steps + g_steps])
+        stats_finite = _all_finite([t for t, _ in a_steps + g_steps])
         if self._dist is not None:  # all ranks skip together
-            finite = self._dist.all_finite(finite)
-        if not bool(finite):
+            stats_finite = self._dist.all_finite(stats_finite)
+        grads_ok, stats_ok = torch.stack([grads_finite, stats_finite]).tolist()
+        if not grads_ok:
+            return False
+        if not stats_ok:
             self._stats["skipped_factor_updates"] += 1
-            return
+            return True
         rho = float(_value(self.factor_decay, self.steps))
         for block, a, g in zip(have, a_steps, g_steps):
             for store, (total, weight) in ((self._a, a), (self._g, g)):
@@ -559,6 +562,7 @@ class KFACPreconditioner:
         if self._dist is not None:  # mean over the ranks
             self._dist.average_factors([self._a[b.name] for b in have] + [self._g[b.name] for b in have])
         self._stats["factor_updates"] += 1
+        return True
 
     def _no_statistics(self) -> None:
         """A factor-update step that captured nothing: fine once factors exist (they stay as they
@@ -845,7 +849,6 @@ class KFACPreconditioner:
         self._a_rows: dict[str, int] = {}
         self._g_sum: dict[str, Tensor] = {}
         self._forwards = 0  # captured forwards (micro-batches) of this step
-        self._nonfinite_capture = False  # a captured output was not finite: skip this update
 
 
 def _check_choice(name: str, value, choices) -> None:

@@ -39,6 +39,26 @@ def no_host_reads():
             setattr(torch.Tensor, name, method)
 
 
+@contextlib.contextmanager
+def counted_host_reads(reads: list):
+    """Like :func:`no_host_reads`, but each read is recorded in ``reads`` and goes through."""
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counting(name):
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return saved[name](self, *args, **kwargs)
+        return read
+
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, counting(name))
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
 def test_no_host_reads_catches_them():
     with no_host_reads():
         t = torch.ones(2)
@@ -283,3 +303,52 @@ def test_loading_a_checkpoint_replaces_the_stacked_inverses():
     used.step()
     for p, q in zip(saved_model.parameters(), used_model.parameters()):
         assert torch.equal(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("fisher_type", ["mc", "type-2", "empirical"])
+def test_a_factor_step_reads_back_once(fisher_type):
+    """A step that updates the factors but not the inverses reads one thing back: the gradients'
+    and the statistics' finite flags, together (forward and backward included: sampling the
+    targets reads nothing back)."""
+    model = stack_model()
+    opt = KFAC(model, lr=0.05, loss="cross_entropy", fisher_type=fisher_type, inv_update_steps=3,
+               factor_dtype=F64, inv_dtype=F64)
+    backward(model, 0)
+    opt.step()
+    reads = []
+    with counted_host_reads(reads):
+        backward(model, 1)
+        opt.step()
+    assert reads == ["tolist"]
+    assert opt.preconditioner.stats["factor_updates"] == 2
+
+
+def test_sampling_targets_from_nonfinite_logits_neither_raises_nor_reads_back():
+    """The MC targets are drawn without checking the probabilities (torch.multinomial raises on
+    CPU and asserts on CUDA for NaN): rows with NaN logits give NaN directions, which the factor
+    update's finite check drops; the other rows are proper draws."""
+    from kfac_ext.losses import BCEWithLogits, CrossEntropy
+
+    logits = torch.randn(4, 5, dtype=F64)
+    logits[1, 2] = float("nan")
+    logits[3, 0] = float("inf")
+    g = torch.Generator().manual_seed(0)
+    with no_host_reads():
+        v = CrossEntropy().sample_output_grads(logits, g)
+        b = BCEWithLogits().sample_output_grads(logits, g)
+    assert v.shape == b.shape == logits.shape
+    assert torch.isfinite(v[0]).all() and torch.isfinite(v[2]).all() and not torch.isfinite(v[1]).all()
+    assert abs(float(v[0].sum())) < 1e-12  # p - e_y sums to zero
+    assert torch.isnan(b[1, 2])
+
+
+def test_gumbel_max_targets_follow_the_softmax():
+    """Frequencies of 20000 draws match the probabilities (4 sigma)."""
+    from kfac_ext.losses import CrossEntropy
+
+    logits = torch.tensor([[2.0, 0.0, -1.0, 0.5]], dtype=F64).expand(20000, 4)
+    v = CrossEntropy().sample_output_grads(logits, torch.Generator().manual_seed(1))
+    p = torch.softmax(logits[0], -1)
+    counts = (p - v).sum(0)  # each row is p - e_y: p - v = e_y
+    sigma = (20000 * p * (1 - p)).sqrt()
+    assert ((counts - 20000 * p).abs() < 4 * sigma).all()

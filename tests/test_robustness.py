@@ -228,9 +228,10 @@ def test_failed_first_inversion_falls_back_to_identity():
     precond = KFACPreconditioner(model, loss="cross_entropy", inversion="cholesky", damping=1e-8)
     update_factors = precond._update_factors
 
-    def corrupt():
-        update_factors()
+    def corrupt(grads_finite):
+        finite = update_factors(grads_finite)
         precond._a["0"] = -100.0 * torch.eye(7)
+        return finite
 
     precond._update_factors = corrupt
     x, y = batch()
