@@ -58,8 +58,9 @@ class Loss:
         """``∂ℓ_n/∂z_n = scale · ∂L/∂z_n``: undoes the mean's ``1/N``."""
         return float(batch_size) if self.reduction == "mean" else 1.0
 
-    def num_terms(self, output: Tensor, mask: Tensor | None = None) -> int:
-        """``M``: the number of terms ``ℓ_n`` (``"mean"`` divides by it): the leading dimension."""
+    def num_terms(self, output: Tensor, mask: Tensor | None = None) -> int | Tensor:
+        """``M``: the number of terms ``ℓ_n`` (``"mean"`` divides by it): the leading dimension
+        (an int; a 0-d tensor where a loss counts it from a mask)."""
         return output.shape[0]
 
     def sample_output_grads(self, output: Tensor, generator: torch.Generator | None, mask: Tensor | None = None) -> Tensor:
@@ -90,7 +91,8 @@ class CrossEntropy(Loss):
         return F.cross_entropy(output, target, reduction="none", ignore_index=self.ignore_index)
 
     def num_terms(self, output, mask=None):
-        return int(mask.sum()) if mask is not None else output.numel() // output.shape[-1]
+        # Counted from a mask, M stays a 0-d tensor on the device: reading it would synchronize.
+        return mask.sum() if mask is not None else output.numel() // output.shape[-1]
 
     def sample_output_grads(self, output, generator, mask=None):
         log_p = torch.log_softmax(_stat(output), dim=-1)

@@ -262,8 +262,9 @@ class KFACPreconditioner:
         self._inv: dict[str, tuple] = {}  # per block: (A side, G side) inverse or (λ, Q)
         self._warned: set[str] = set()
         self._paused = 0
-        self._g_weight: float | None = None  # set while a sampling backward runs
-        self._terms = 1  # M of the last captured forward (the empirical weight needs it)
+        self._g_weight: float | Tensor | None = None  # set while a sampling backward runs
+        self._terms: int | Tensor = 1  # M of the last captured forward (the empirical weight needs it)
+        self._empirical_w: float | Tensor | None = None  # the empirical weight of this forward
         self._params = list({id(p): p for b in self.blocks for p in [b.weight]}.values())
         self._clear_pending()
         # Block hooks first: when the model is itself a layer, its output hook must exist before
@@ -342,7 +343,9 @@ class KFACPreconditioner:
     def _grad_hook(self, pairs, grad: Tensor, layout) -> None:
         weight = self._g_weight
         if weight is None and self.fisher_type == "empirical":
-            weight = self._empirical_weight()
+            if self._empirical_w is None:  # once per forward: every hook then shares one weight
+                self._empirical_w = self._empirical_weight()
+            weight = self._empirical_w
         if weight is None:
             return
         grad = (layout(grad) if layout is not None else grad).detach()
@@ -350,22 +353,23 @@ class KFACPreconditioner:
             rows = block.output_grad_rows(grad[..., cols] if cols is not None else grad)
             self._pending_g.setdefault(block.name, []).append((rows, weight))
 
-    def _empirical_weight(self) -> float:
+    def _empirical_weight(self) -> float | Tensor:
         # Hooks see h = ∂L/∂s of the loss the backward ran on; per-term g = k·s·h (s = M for
         # "mean", undoing the mean; k = accumulation steps, undoing the 1/k of each micro-batch);
-        # this micro-batch's G is w Σ g gᵀ, w = 1/M ("mean") or 1.
-        k, m = self.grad_accumulation_steps, self._terms
-        s = float(m) if self.reduction == "mean" else 1.0
-        w = 1.0 / m if self.reduction == "mean" else 1.0
-        weight = w * (k * s) ** 2
-        if self._scaled():
-            weight /= float(self.grad_scaler.get_scale()) ** 2
+        # this micro-batch's G is w Σ g gᵀ, w = 1/M ("mean") or 1: w (k s)² = k² M or k².
+        k = self.grad_accumulation_steps
+        weight = k**2 * self._terms if self.reduction == "mean" else float(k**2)
+        if self._scaled():  # the scale as a device tensor: get_scale() would synchronize
+            scale = self.grad_scaler._get_scale_async()
+            scale = scale.double() if scale is not None else self.grad_scaler.get_scale()
+            weight = weight / scale**2
         return weight
 
     def _model_hook(self, module, args, kwargs, output):
         if not self._capturing():
             return
         self._forwards += 1
+        self._empirical_w = None
         if self.loss is None:  # "empirical" without a loss: one term per example
             self._terms = _leading_dim(self.output_fn(output))
             return
@@ -373,7 +377,8 @@ class KFACPreconditioner:
         mask = None
         if isinstance(self.loss, CrossEntropy) and self.loss_mask_fn is not None:
             mask = self.loss_mask_fn(self.model, args, kwargs, logits, self.loss)
-        self._terms = max(1, self.loss.num_terms(logits, mask))
+        terms = self.loss.num_terms(logits, mask)  # a tensor when counted on the device
+        self._terms = terms.clamp_min(1).double() if isinstance(terms, Tensor) else max(1, terms)
         if self.fisher_type == "empirical" or not logits.requires_grad:
             return
         # Non-finite logits give non-finite sampled gradients, hence statistics: the factor
@@ -447,9 +452,10 @@ class KFACPreconditioner:
         work = [(block, (g, w)) for block, (g, w) in work if g.shape[0] > 0]
         for batch in _by_budget(work, lambda item: item[1][0]):
             sums = [torch.empty(b.g_dim, b.g_dim, dtype=self.factor_dtype, device=g.device) for b, (g, _) in batch]
-            self._factor_update(sums, [g for _, (g, _) in batch], [w for _, (_, w) in batch], [False] * len(batch))
-            for (block, _), total in zip(batch, sums):
-                _accumulate(self._g_sum, block.name, total)
+            scales = [1.0 if isinstance(w, Tensor) else w for _, (_, w) in batch]  # the op takes host numbers
+            self._factor_update(sums, [g for _, (g, _) in batch], scales, [False] * len(batch))
+            for (block, (_, w)), total in zip(batch, sums):
+                _accumulate(self._g_sum, block.name, total.mul_(w) if isinstance(w, Tensor) else total)
 
     def _factor_update(self, factors, xs, scales, append_ones) -> None:
         """``factors[i] = scales[i] · x̄ᵀx̄``, one native call per activation dtype."""
@@ -864,11 +870,14 @@ def _cat(chunks: list[Tensor]) -> Tensor:
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
-def _weighted_cat(chunks: list[tuple[Tensor, float]]) -> tuple[Tensor, float]:
-    """Concatenates gradient rows whose factor weights agree; rows with another weight are
-    rescaled by sqrt(weight ratio) first so one weight covers all."""
+def _weighted_cat(chunks: list[tuple[Tensor, float | Tensor]]) -> tuple[Tensor, float | Tensor]:
+    """Concatenates gradient rows whose factor weights agree (the same number, or the same
+    device tensor); rows with another weight are rescaled by sqrt(weight ratio) first so one
+    weight covers all."""
     weight = chunks[0][1]
-    rows = [g if w == weight else g * math.sqrt(w / weight) for g, w in chunks]
+    same = [w is weight or not isinstance(w, Tensor) and not isinstance(weight, Tensor) and w == weight
+            for _, w in chunks]
+    rows = [g if keep else g * (w / weight) ** 0.5 for (g, w), keep in zip(chunks, same)]
     return _cat(rows), weight
 
 

@@ -352,3 +352,48 @@ def test_gumbel_max_targets_follow_the_softmax():
     counts = (p - v).sum(0)  # each row is p - e_y: p - v = e_y
     sigma = (20000 * p * (1 - p)).sqrt()
     assert ((counts - 20000 * p).abs() < 4 * sigma).all()
+
+
+class TokenModel(nn.Module):
+    """``[B, T, d]`` tokens to ``[B, T, C]`` logits, with an ``attention_mask`` keyword as Hugging
+    Face models take it (the default loss mask counts the attended positions)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.out = nn.Linear(6, 10), nn.Linear(10, 4)
+
+    def forward(self, x, attention_mask=None):
+        return self.out(torch.tanh(self.inner(x)))
+
+
+@pytest.mark.parametrize("fisher_type", ["mc", "empirical"])
+def test_a_masked_factor_step_reads_back_once(fisher_type):
+    """Token-level cross-entropy with an attention mask (the counted tokens M stay on the
+    device), under a grad scaler (its scale stays on the device): forward, backward and the
+    preconditioner's factor step read back once."""
+    model = TokenModel().double()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    precond = KFACPreconditioner(model, "cross_entropy", fisher_type=fisher_type, grad_scaler=scaler,
+                                 inv_update_steps=3, factor_dtype=F64, inv_dtype=F64)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 5, 6, generator=g, dtype=F64), torch.randint(0, 4, (3, 5), generator=g)
+    mask = torch.ones(3, 5, dtype=torch.long)
+    mask[0, 3:] = mask[2, 1:] = 0
+
+    def forward_backward():
+        model.zero_grad()
+        logits = model(x, attention_mask=mask)
+        per_token = F.cross_entropy(logits.reshape(-1, 4), y.reshape(-1), reduction="none")
+        loss = (per_token * mask.reshape(-1)).sum() / mask.sum()
+        scaler.scale(loss).backward()
+
+    forward_backward()
+    precond.step()
+    reads = []
+    with counted_host_reads(reads):
+        forward_backward()
+        precond.step()
+    assert reads == ["tolist"]
+    assert precond.stats["factor_updates"] == 2
+    assert precond._terms == 9
