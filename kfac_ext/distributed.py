@@ -85,6 +85,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         if isinstance(model, DistributedDataParallel):
             model = model.module
         elif isinstance(model, OptimizedModule):
+            context = getattr(model, "dynamo_ctx", None)
+            if getattr(context, "fullgraph", False) or getattr(context, "error_on_graph_break", False):
+                raise ValueError(
+                    "KFACPreconditioner: torch.compile(model, fullgraph=True) cannot work with K-FAC: "
+                    "its capture hooks run eagerly between compiled pieces (a graph break at each "
+                    "preconditioned layer, by design); compile without fullgraph=True"
+                )
             model = model._orig_mod
         else:
             return model

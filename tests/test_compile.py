@@ -87,3 +87,9 @@ def test_compiled_with_inductor():
     opt = KFAC(compiled, lr=0.1, loss="cross_entropy")
     assert train(compiled, opt, range(4)) == pytest.approx(losses_eager, rel=1e-8)
     assert opt.preconditioner.stats["factor_updates"] == 4
+
+
+def test_fullgraph_is_refused_at_construction():
+    compiled = torch.compile(model(), fullgraph=True, backend="aot_eager")
+    with pytest.raises(ValueError, match=r"fullgraph=True\) cannot work with K-FAC.*compile without fullgraph=True"):
+        KFAC(compiled, lr=0.1, loss="cross_entropy")
