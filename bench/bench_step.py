@@ -156,7 +156,7 @@ def kfac_phases(precond: KFACPreconditioner) -> dict:
         precond._clear_pending()
         precond._pending_a, precond._pending_g, precond._forwards = dict(pending[0]), dict(pending[1]), 1
         precond._flush()
-        precond._update_factors()
+        precond._update_factors(finite)
 
     return dict(factor_update=factor_update, inversion=precond._update_inverses,
                 precondition=lambda: precond._precondition(grads, finite))
