@@ -80,6 +80,10 @@ class KFAC(torch.optim.SGD):
         self._lr_schedule = lr if callable(lr) else None
         super().__init__(params, lr=float(_value(lr, 0)), momentum=momentum,
                          weight_decay=weight_decay, nesterov=nesterov)
+        for group in self.param_groups:  # _sgd_step implements SGD's plain update only
+            unsupported = [k for k in ("maximize", "fused", "differentiable") if group.get(k)]
+            if unsupported:
+                raise ValueError(f"KFAC: parameter group option(s) {unsupported} are not supported")
         if adaptive_damping and callable(preconditioner_kwargs.get("damping")):
             raise ValueError("adaptive_damping adapts a number: pass damping as a float")
         self.preconditioner = KFACPreconditioner(model, lr=self._kfac_lr, **preconditioner_kwargs)

@@ -168,6 +168,12 @@ def test_kfac_sgd_step_is_torch_sgd():
             assert torch.equal(opt.state[p]["momentum_buffer"], sgd.state[q]["momentum_buffer"])
 
 
+def test_kfac_refuses_sgd_options_its_step_does_not_implement():
+    model = stack_model()
+    with pytest.raises(ValueError, match=r"\['maximize'\] are not supported"):
+        KFAC([{"params": list(model.parameters()), "maximize": True}], model=model, loss="cross_entropy")
+
+
 def dense_update(a: torch.Tensor, g: torch.Tensor, grad: torch.Tensor, inversion: str, damping_mode: str, gamma: float):
     """``(G ⊗ A + damping)⁻¹ vec(∇W̄)`` in float64 from the dense Kronecker matrix."""
     eye_a, eye_g = torch.eye(len(a), dtype=F64), torch.eye(len(g), dtype=F64)
