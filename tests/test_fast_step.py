@@ -20,43 +20,38 @@ HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__
 
 
 @contextlib.contextmanager
-def no_host_reads():
-    """Every way a tensor's value reaches Python raises inside the block (on CUDA each of them is
-    a device synchronization)."""
+def host_reads(on_read):
+    """Inside the block, every way a tensor's value reaches Python (on CUDA each of them is a
+    device synchronization) first calls ``on_read(name)``."""
     saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
 
-    def forbid(name):
+    def patched(name):
         def read(self, *args, **kwargs):
-            raise AssertionError(f"Tensor.{name} read a value back to the host")
-        return read
-
-    for name in HOST_READS:
-        setattr(torch.Tensor, name, forbid(name))
-    try:
-        yield
-    finally:
-        for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
-
-
-@contextlib.contextmanager
-def counted_host_reads(reads: list):
-    """Like :func:`no_host_reads`, but each read is recorded in ``reads`` and goes through."""
-    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def counting(name):
-        def read(self, *args, **kwargs):
-            reads.append(name)
+            on_read(name)
             return saved[name](self, *args, **kwargs)
         return read
 
     for name in HOST_READS:
-        setattr(torch.Tensor, name, counting(name))
+        setattr(torch.Tensor, name, patched(name))
     try:
         yield
     finally:
         for name, method in saved.items():
             setattr(torch.Tensor, name, method)
+
+
+def _forbid(name):
+    raise AssertionError(f"Tensor.{name} read a value back to the host")
+
+
+def no_host_reads():
+    """Every host read raises."""
+    return host_reads(_forbid)
+
+
+def counted_host_reads(reads: list):
+    """Every host read is recorded in ``reads`` and goes through."""
+    return host_reads(reads.append)
 
 
 def test_no_host_reads_catches_them():
