@@ -265,7 +265,6 @@ class KFACPreconditioner:
         self._g_weight: float | Tensor | None = None  # set while a sampling backward runs
         self._terms: int | Tensor = 1  # M of the last captured forward (the empirical weight needs it)
         self._empirical_w: float | Tensor | None = None  # the empirical weight of this forward
-        self._params = list({id(p): p for b in self.blocks for p in [b.weight]}.values())
         self._clear_pending()
         # Block hooks first: when the model is itself a layer, its output hook must exist before
         # the model hook runs the sampled backward (hooks run in registration order).
@@ -320,6 +319,7 @@ class KFACPreconditioner:
         return self.steps % max(1, int(_value(self.factor_update_steps, self.steps))) == 0
 
     def _model_pre_hook(self, module, inputs):
+        self._taps = []  # a forward that raised may have left some
         if not self._capturing():
             return
         if self.grad_scaler is not None and self._forwards >= self.grad_accumulation_steps:
@@ -339,6 +339,8 @@ class KFACPreconditioner:
             # A tensor hook registered now sees the gradient w.r.t. this value even if an
             # in-place activation modifies the output afterwards.
             output.register_hook(lambda grad: self._grad_hook(pairs, grad, layout))
+            if self.fisher_type != "empirical":
+                self._taps.append((output, output._version, pairs))
 
     def _grad_hook(self, pairs, grad: Tensor, layout) -> None:
         weight = self._g_weight
@@ -379,6 +381,7 @@ class KFACPreconditioner:
             mask = self.loss_mask_fn(self.model, args, kwargs, logits, self.loss)
         terms = self.loss.num_terms(logits, mask)  # a tensor when counted on the device
         self._terms = terms.clamp_min(1).double() if isinstance(terms, Tensor) else max(1, terms)
+        taps, self._taps = self._taps, []  # the model's own backward frees what they hold
         if self.fisher_type == "empirical" or not logits.requires_grad:
             return
         # Non-finite logits give non-finite sampled gradients, hence statistics: the factor
@@ -391,10 +394,11 @@ class KFACPreconditioner:
             directions = list(self.loss.hessian_sqrt(logits, mask))
             weight = w
         self._g_weight = weight
+        inputs = _sampling_inputs(taps)
         try:
             for v in directions:
                 # Backward of the surrogate Σ_n v_nᵀ z_n: the block hooks see per-term g = J_nᵀ v_n.
-                torch.autograd.grad(logits, self._params, grad_outputs=v, retain_graph=True, allow_unused=True)
+                torch.autograd.grad(logits, inputs, grad_outputs=v, retain_graph=True, allow_unused=True)
         finally:
             self._g_weight = None
 
@@ -855,6 +859,7 @@ class KFACPreconditioner:
         self._a_rows: dict[str, int] = {}
         self._g_sum: dict[str, Tensor] = {}
         self._forwards = 0  # captured forwards (micro-batches) of this step
+        self._taps: list[tuple[Tensor, int, list]] = []  # this forward's block outputs, for the sampled backward
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -868,6 +873,20 @@ def _leading_dim(output: Tensor) -> int:
 
 def _cat(chunks: list[Tensor]) -> Tensor:
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
+def _sampling_inputs(taps: list[tuple[Tensor, int, list]]) -> list[Tensor]:
+    """What the sampled backward differentiates with respect to, so that every block's output
+    hook fires: the block outputs themselves (no weight-gradient GEMMs are computed; parameters
+    sharded by FSDP2 are not even in the graph), except an output modified in place since (an
+    inplace activation: its hook sits on the node before the modification, which a gradient
+    w.r.t. the modified tensor does not reach), for which the block's parameters are used."""
+    inputs: dict[int, Tensor] = {}
+    for output, version, pairs in taps:
+        untouched = output._version == version
+        for t in [output] if untouched else [p for block, _ in pairs for p in block.params()]:
+            inputs.setdefault(id(t), t)
+    return list(inputs.values())
 
 
 def _weighted_cat(chunks: list[tuple[Tensor, float | Tensor]]) -> tuple[Tensor, float | Tensor]:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kfac_ext
+import kfac_ext.preconditioner as preconditioner_module
 from kfac_ext import KFAC, KFACPreconditioner
 
 F64 = torch.float64
@@ -398,3 +399,32 @@ def test_a_masked_factor_step_reads_back_once(fisher_type):
     assert reads == ["tolist"]
     assert precond.stats["factor_updates"] == 2
     assert precond._terms == 9
+
+
+@pytest.mark.parametrize("fisher_type", ["mc", "type-2"])
+def test_sampled_backward_reaches_outputs_modified_in_place(fisher_type, monkeypatch):
+    """The sampled backward differentiates w.r.t. the block outputs (no weight gradients), or,
+    for an output an inplace activation modified, w.r.t. the block's parameters: the factors of
+    a model with ``ReLU(inplace=True)`` equal those of the same model with ``ReLU()``."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 5)).double()
+    inplace = copy.deepcopy(plain)
+    inplace[1] = nn.ReLU(inplace=True)
+    factors, used = [], []
+    sampling_inputs = preconditioner_module._sampling_inputs
+    monkeypatch.setattr(preconditioner_module, "_sampling_inputs",
+                        lambda taps: used.append(sampling_inputs(taps)) or used[-1])
+    for model in (plain, inplace):
+        precond = KFACPreconditioner(model, "cross_entropy", fisher_type=fisher_type, factor_dtype=F64, inv_dtype=F64)
+        x, y = data(0)
+        F.cross_entropy(model(x), y).backward()
+        assert precond._taps == []  # released once the sampled backward ran
+        precond.step()
+        factors.append(precond.factors())
+    params = [{id(p) for p in model.parameters()} for model in (plain, inplace)]
+    assert not any(id(t) in params[0] for t in used[0])  # block outputs only
+    assert {id(t) for t in used[1]} & params[1] == {id(inplace[0].weight), id(inplace[0].bias)}
+    assert factors[0].keys() == factors[1].keys() == {"0", "2", "4"}
+    for name in factors[0]:
+        for a, b in zip(factors[0][name], factors[1][name]):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-15), name
