@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .preconditioner import KFACPreconditioner, Schedule, _all_finite, _value
 
@@ -111,7 +112,7 @@ class KFAC(torch.optim.SGD):
                 loss = closure()
         finite = self.preconditioner.step()
         others = [p.grad for p in self._params() if p.grad is not None and id(p) not in self._block_params]
-        ok = finite & _all_finite(others) if others else finite
+        ok = finite & self._all_finite(others) if others else finite
         if others:
             self.preconditioner._count_nonfinite(finite & ~ok)  # the preconditioner counted ~finite
         before = [p.detach().clone() for p in self._params()] if adapt else None
@@ -120,34 +121,47 @@ class KFAC(torch.optim.SGD):
             self._adapt_damping(float(loss.detach()), before, closure, rng)
         return loss
 
+    def _all_finite(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Every element of ``grads`` finite, on every rank: FSDP2 shards (DTensors) are checked
+        locally and the flag all-reduced; other gradients are the same on every rank."""
+        flag = _all_finite([_local(g) for g in grads])
+        dist_ctx = self.preconditioner._dist
+        if dist_ctx is not None and any(isinstance(g, DTensor) for g in grads):
+            flag = dist_ctx.all_finite(flag)
+        return flag
+
     def _sgd_step(self, ok: torch.Tensor) -> None:
         """``torch.optim.SGD``'s update, with its momentum buffers, taken only where the 0-d
         ``ok`` is True: with ``ok`` False no parameter and no buffer changes. The gradient is
         zeroed on the device, the buffer scaled by ``where(ok, μ, 1)``, and the step by ``ok``,
-        so skipping needs no host read."""
+        so skipping needs no host read. FSDP2 parameters (DTensors) are updated through their
+        local shards, which is exactly the sharded update."""
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            if not with_grad:
                 continue
             momentum, dampening = group["momentum"], group["dampening"]
-            grads = [p.grad for p in params]
+            params = [_local(p) for p in with_grad]
+            grads = [_local(p.grad) for p in with_grad]
             if group["weight_decay"]:
                 grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
             grads = [torch.where(ok, g, 0.0) for g in grads]
             if momentum:
                 bufs, new_grads = [], []
-                for p, g in zip(params, grads):
+                for p, g in zip(with_grad, grads):
                     state = self.state[p]
                     if state.get("momentum_buffer") is None:
-                        state["momentum_buffer"] = g.clone()  # zero if this step is skipped
+                        # shaped (and sharded) like the gradient; zero if this step is skipped
+                        state["momentum_buffer"] = p.grad.detach().clone()
+                        _local(state["momentum_buffer"]).copy_(g)
                     else:
-                        bufs.append(state["momentum_buffer"])
+                        bufs.append(_local(state["momentum_buffer"]))
                         new_grads.append(g)
                 if bufs:
                     keep = torch.full((), momentum, dtype=torch.float64, device=ok.device)
                     torch._foreach_mul_(bufs, torch.where(ok, keep, 1.0))
                     torch._foreach_add_(bufs, new_grads, alpha=1 - dampening)
-                momenta = [self.state[p]["momentum_buffer"] for p in params]
+                momenta = [_local(self.state[p]["momentum_buffer"]) for p in with_grad]
                 grads = torch._foreach_add(grads, momenta, alpha=momentum) if group["nesterov"] else momenta
             # the direction times 0 or 1 (exact), then torch's own `p += -lr * d`: bit for bit SGD
             torch._foreach_add_(params, torch._foreach_mul(grads, ok.to(grads[0].dtype)), alpha=-group["lr"])
@@ -250,3 +264,8 @@ def _set_rng_state(state: tuple) -> None:
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state(cuda, device)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 DTensor, or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t

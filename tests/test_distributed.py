@@ -24,6 +24,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from kfac_ext import KFAC, KFACPreconditioner, Status
 from kfac_ext import distributed as kd
@@ -77,11 +80,17 @@ SCENARIOS = {
     "mc": dict(kfac=kfac_args("b", "eigen", "mc"), wrap="ddp", steps=3, reference=False),
     # process_group=: only ranks 1 and 2 of 3 train (group ranks 0 and 1; rank 2 owns things).
     "subgroup": dict(kfac=kfac_args("b", "eigen", "type-2"), wrap="manual", steps=4, group=[1, 2]),
+    # FSDP2 (fully_shard on each Linear and the root): parameters and gradients are row shards
+    # (the 9-row layer splits 5/4 on 2 ranks), the step gathers each ∇W̄ whole and writes this
+    # rank's rows back; KFAC's SGD updates the local shards.
+    "fsdp-a-eigen-type2": dict(kfac=kfac_args("a", "eigen", "type-2", kl_clip=1e-2), wrap="fsdp", steps=4),
+    "fsdp-b-cholesky-empirical": dict(kfac=kfac_args("b", "cholesky", "empirical"), wrap="fsdp", steps=4),
+    "fsdp-nan-input": dict(kfac=kfac_args("a", "eigen", "type-2"), wrap="fsdp", steps=4, nan_input=2),
 }
 RUNS = {
     2: ["a-eigen-type2", "b-cholesky-empirical", "nan-input", "nan-statistics", "fail-a", "fail-b",
-        "ckpt-a", "ckpt-b", "mc"],
-    3: ["a-cholesky-empirical-manual", "b-eigen-type2", "subgroup"],
+        "ckpt-a", "ckpt-b", "mc", "fsdp-a-eigen-type2", "fsdp-b-cholesky-empirical", "fsdp-nan-input"],
+    3: ["a-cholesky-empirical-manual", "b-eigen-type2", "subgroup", "fsdp-a-eigen-type2"],
 }
 
 
@@ -122,6 +131,12 @@ def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None =
     net = model
     if world > 1 and spec["wrap"] == "ddp":
         net = nn.parallel.DistributedDataParallel(model)
+    if world > 1 and spec["wrap"] == "fsdp":
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     opt = KFAC(net, **spec["kfac"], process_group=group)
     precond = opt.preconditioner
     first = 0
@@ -155,8 +170,8 @@ def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None =
                 failing.armed = step == spec["fail"][0]
             opt.step()
             records.append(dict(
-                params=[p.detach().clone() for p in model.parameters()],
-                grads=[p.grad.clone() for p in model.parameters()],
+                params=[whole(p.detach()).clone() for p in model.parameters()],
+                grads=[whole(p.grad).clone() for p in model.parameters()],
                 factors={k: (a.clone(), g.clone()) for k, (a, g) in precond.factors().items()},
                 stats=dict(precond.stats),
             ))
@@ -165,6 +180,11 @@ def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None =
     records[-1]["warnings"] = [str(m.message) for m in messages if "KFACPreconditioner" in str(m.message)]
     records[-1]["comm_bytes"] = dict(precond._dist.comm_bytes) if precond._dist is not None else {}
     return records
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """An FSDP2 shard gathered whole, or the tensor itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -325,8 +345,9 @@ def test_mc_factors_average_each_ranks_own_samples(runs):
             assert rel(g, shared[k][1]) > 1e-2, f"step {step}: G of layer {k} as if all ranks drew rank 0's samples"
 
 
-def test_nonfinite_input_on_one_rank_skips_everywhere(runs):
-    for records in runs[0][2]["nan-input"]:
+@pytest.mark.parametrize("name", ["nan-input", "fsdp-nan-input"])
+def test_nonfinite_input_on_one_rank_skips_everywhere(runs, name):
+    for records in runs[0][2][name]:
         stats = records[-1]["stats"]
         assert stats["skipped_factor_updates"] == 1 and stats["nonfinite_grad_steps"] == 1
         for p, q in zip(records[2]["params"], records[1]["params"]):

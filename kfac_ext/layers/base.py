@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Shard
 
 KFAC_APPROXIMATIONS = ("expand", "reduce")
 
@@ -105,19 +106,50 @@ class Block:
         return torch.cat([w, b.unsqueeze(1)], 1)
 
     def grad_matrix(self) -> Tensor | None:
-        """``∇W̄``; None when the weight has no gradient (the block did not run)."""
+        """``∇W̄``; None when the weight has no gradient (the block did not run). Gradients
+        sharded by FSDP2 (DTensors) are gathered whole first."""
         if self.weight.grad is None:
             return None
-        return self.matrix(self.weight.grad, self.bias.grad if self.bias is not None else None)
+        bias_grad = _whole(self.bias.grad) if self.bias is not None and self.bias.grad is not None else None
+        return self.matrix(_whole(self.weight.grad), bias_grad)
 
     def set_grad(self, matrix: Tensor) -> None:
-        """Writes ``[∇W | ∇b]`` back into ``.grad`` (in the parameters' dtype and layout)."""
+        """Writes ``[∇W | ∇b]`` back into ``.grad`` (in the parameters' dtype and layout; into
+        this rank's shard of an FSDP2-sharded gradient)."""
         cols = self.a_dim - int(self.has_bias)
-        self.write_weight(self.weight.grad, matrix[:, :cols])
+        _write_grad(self.weight.grad, lambda g: self.write_weight(g, matrix[:, :cols]))
         if self.bias is not None:
             if self.bias.grad is None:
                 self.bias.grad = torch.zeros_like(self.bias)
-            self.bias_view(self.bias.grad).copy_(matrix[:, cols])
+            _write_grad(self.bias.grad, lambda g: self.bias_view(g).copy_(matrix[:, cols]))
+
+
+def _whole(t: Tensor) -> Tensor:
+    """``t``, or the whole tensor of an FSDP2 shard (a DTensor; an all-gather)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _write_grad(grad: Tensor, write: Callable[[Tensor], None]) -> None:
+    """``write(grad)``; for an FSDP2-sharded gradient, ``write`` fills a whole parameter-shaped
+    tensor and this rank's rows of it go into the local shard (FSDP2 shards dim 0 as
+    ``torch.chunk`` does; the last ranks' shards may be empty)."""
+    if not isinstance(grad, DTensor):
+        write(grad)
+        return
+    mesh, placements = grad.device_mesh, grad.placements
+    if mesh.ndim != 1 or len(placements) != 1 or placements[0] != Shard(0):
+        raise NotImplementedError(f"K-FAC supports FSDP2 gradients sharded on dim 0 over a 1-D mesh, "
+                                  f"got placements {placements} on a {mesh.ndim}-D mesh")
+    local = grad.to_local()
+    whole = torch.empty(grad.shape, dtype=local.dtype, device=local.device)
+    write(whole)
+    chunks = whole.chunk(mesh.size(), dim=0)
+    rank = mesh.get_local_rank()
+    mine = chunks[rank] if rank < len(chunks) else whole[:0]
+    if mine.shape != local.shape:
+        raise RuntimeError(f"K-FAC: the FSDP2 shard of rank {rank} has shape {tuple(local.shape)}, "
+                           f"expected {tuple(mine.shape)} (torch.chunk of {tuple(grad.shape)} on dim 0)")
+    local.copy_(mine)
 
 
 Record = Callable[..., None]
