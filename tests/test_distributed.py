@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from kfac_ext import KFAC, KFACPreconditioner, Status
@@ -86,10 +86,15 @@ SCENARIOS = {
     "fsdp-a-eigen-type2": dict(kfac=kfac_args("a", "eigen", "type-2", kl_clip=1e-2), wrap="fsdp", steps=4),
     "fsdp-b-cholesky-empirical": dict(kfac=kfac_args("b", "cholesky", "empirical"), wrap="fsdp", steps=4),
     "fsdp-nan-input": dict(kfac=kfac_args("a", "eigen", "type-2"), wrap="fsdp", steps=4, nan_input=2),
+    "fsdp-mc": dict(kfac=kfac_args("b", "eigen", "mc"), wrap="fsdp", steps=3, reference=False),
+    # MixedPrecisionPolicy(param_dtype=bf16): bf16 forward and backward, float32 factors.
+    "fsdp-bf16": dict(kfac={**kfac_args("a", "eigen", "type-2"), "factor_dtype": torch.float32,
+                            "inv_dtype": torch.float32}, wrap="fsdp", steps=4, bf16=True, reference=False),
 }
 RUNS = {
     2: ["a-eigen-type2", "b-cholesky-empirical", "nan-input", "nan-statistics", "fail-a", "fail-b",
-        "ckpt-a", "ckpt-b", "mc", "fsdp-a-eigen-type2", "fsdp-b-cholesky-empirical", "fsdp-nan-input"],
+        "ckpt-a", "ckpt-b", "mc", "fsdp-a-eigen-type2", "fsdp-b-cholesky-empirical", "fsdp-nan-input",
+        "fsdp-mc", "fsdp-bf16"],
     3: ["a-cholesky-empirical-manual", "b-eigen-type2", "subgroup", "fsdp-a-eigen-type2"],
 }
 
@@ -133,10 +138,11 @@ def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None =
         net = nn.parallel.DistributedDataParallel(model)
     if world > 1 and spec["wrap"] == "fsdp":
         mesh = init_device_mesh("cpu", (world,))
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if spec.get("bf16") else MixedPrecisionPolicy()
         for layer in model:
             if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+                fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
     opt = KFAC(net, **spec["kfac"], process_group=group)
     precond = opt.preconditioner
     first = 0
@@ -295,7 +301,7 @@ def test_ranks_match_single_process_and_each_other(runs, world, name):
 
 
 def _mc_factors_per_rank(records: list[dict], world: int, seeds: list[int]) -> list[dict]:
-    """The "mc" scenario's factors after each step, from single processes: process ``r`` sees
+    """The "mc" scenarios' factors after each step, from single processes: process ``r`` sees
     rank ``r``'s rows with Monte Carlo seed ``seeds[r]`` and, before each step, the parameters
     the distributed run had (``records``: a rank's records); its factors are averaged over the
     processes (the EMA is linear, so averaging the per-process averages is averaging the
@@ -323,7 +329,8 @@ def _mc_factors_per_rank(records: list[dict], world: int, seeds: list[int]) -> l
              for k in per_process[0][step]} for step in range(len(records))]
 
 
-def test_mc_factors_average_each_ranks_own_samples(runs):
+@pytest.mark.parametrize("name", ["mc", "fsdp-mc"])
+def test_mc_factors_average_each_ranks_own_samples(runs, name):
     """With Monte Carlo targets every rank draws its own samples (generator seed + rank): the
     distributed factors after each step are the single-process factors of rank r's rows with
     seed r, averaged over the ranks. Had every rank drawn the same samples (seed 0 everywhere),
@@ -334,7 +341,7 @@ def test_mc_factors_average_each_ranks_own_samples(runs):
     and for a positive semidefinite Gram matrix ``XᵀX`` those sizes total ``|X|² <= √d·|XᵀX|``
     (d <= 10 here): <= 11·√10·eps ≈ 8e-15; 1e-13 (measured: 2e-16)."""
     world = 2
-    records = runs[0][world]["mc"][0]
+    records = runs[0][world][name][0]
     own = _mc_factors_per_rank(records, world, seeds=list(range(world)))
     same = _mc_factors_per_rank(records, world, seeds=[0] * world)
     for step, (record, want, shared) in enumerate(zip(records, own, same)):
@@ -343,6 +350,27 @@ def test_mc_factors_average_each_ranks_own_samples(runs):
             assert rel(a, want[k][0]) < 1e-13, f"step {step}: A of layer {k}"
             assert rel(g, want[k][1]) < 1e-13, f"step {step}: G of layer {k}"
             assert rel(g, shared[k][1]) > 1e-2, f"step {step}: G of layer {k} as if all ranks drew rank 0's samples"
+
+
+def test_fsdp_bf16_compute_keeps_float32_factors(runs):
+    """bf16 forward/backward under FSDP2's MixedPrecisionPolicy: the factors stay float32 and
+    finite, every rank agrees, and every parameter trains. The first step's factors (same
+    parameters and data as the float64 run) agree with float64's within bf16 rounding: inputs,
+    activations and output gradients carry 8-bit mantissas (eps 2⁻⁸ ≈ 4e-3), a few roundings
+    deep, so 2e-2. Later steps are not compared: the damped inverses (no KL clip here) amplify
+    those differences in the parameters."""
+    per_rank = runs[0][2]["fsdp-bf16"]
+    assert_ranks_identical(per_rank, "fsdp-bf16")
+    want = reference("fsdp-a-eigen-type2")
+    records = per_rank[0]
+    for rec in records:
+        assert all(a.dtype == g.dtype == torch.float32 for a, g in rec["factors"].values())
+        assert all(torch.isfinite(t).all() for pair in rec["factors"].values() for t in pair)
+    for k, (a, g) in records[0]["factors"].items():
+        a64, g64 = want[0]["factors"][k]
+        assert rel(a.double(), a64) < 2e-2 and rel(g.double(), g64) < 2e-2, f"first factors of layer {k}"
+    for i, (p, p0) in enumerate(zip(records[-1]["params"], mlp().parameters())):
+        assert torch.isfinite(p).all() and rel(p, p0.detach()) > 1e-3, f"parameter {i} did not train"
 
 
 @pytest.mark.parametrize("name", ["nan-input", "fsdp-nan-input"])
