@@ -244,11 +244,21 @@ class KFAC(torch.optim.SGD):
         return linear + 0.5 * quad
 
     def state_dict(self) -> dict[str, Any]:
+        """SGD's state (momentum buffers) and the preconditioner's under ``"kfac"``. Buffers of
+        FSDP2-sharded parameters are gathered whole (every rank must call this), so the
+        checkpoint loads on any world size, sharded or not."""
         state = super().state_dict()
+        state["state"] = {k: {name: _whole(v) for name, v in s.items()} for k, s in state["state"].items()}
         state["kfac"] = self.preconditioner.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if any(isinstance(p, DTensor) for p in self._params()):
+            raise NotImplementedError(
+                "KFAC.load_state_dict into FSDP2-sharded parameters is not supported yet; a checkpoint "
+                "of a sharded run (saved with KFAC.state_dict on every rank) loads into an unsharded "
+                "or DistributedDataParallel model"
+            )
         state_dict = dict(state_dict)
         self.preconditioner.load_state_dict(state_dict.pop("kfac"))
         super().load_state_dict(state_dict)
@@ -264,6 +274,11 @@ def _set_rng_state(state: tuple) -> None:
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state(cuda, device)
+
+
+def _whole(t):
+    """The whole tensor of an FSDP2 shard (a collective), else ``t`` as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
