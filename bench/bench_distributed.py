@@ -1,8 +1,8 @@
 """Distributed K-FAC on CPU (gloo): communication volume and step time vs world size, for both
-values of ``grad_worker_fraction``.
+values of ``grad_worker_fraction``, under DistributedDataParallel and under FSDP2 (``fully_shard``).
 
     python bench/bench_distributed.py --quick     # < 1 min on 2 CPU cores
-    python bench/bench_distributed.py [--worlds 1,2,4] [--width 256] [--steps 40]
+    python bench/bench_distributed.py [--worlds 1,2,4] [--wraps ddp,fsdp] [--width 256] [--steps 40]
 
 One process per rank on 127.0.0.1, one thread each (so 4 ranks on a 2-core machine are
 oversubscribed: read those times as a ceiling). Weak scaling: every rank trains on its own batch
@@ -19,7 +19,11 @@ parameters for DDP's gradient all-reduce): "factors" (all-reduce of upper triang
 step), "inverses" (broadcast from the owners, inversion steps only, ``grad_worker_fraction=1``),
 "gradients" (preconditioned gradients broadcast by the owners, every step,
 ``grad_worker_fraction=0``), "flags" (finite flags, inversion status). A ring all-reduce moves
-about ``2(p-1)/p`` times its payload through each rank, a broadcast about once.
+about ``2(p-1)/p`` times its payload through each rank, a broadcast about once. "framework" is
+the data-parallel wrapper's own payload per step, from the parameter sizes: DDP all-reduces the
+gradients; FSDP2 all-gathers the parameters for the forward and again for the backward and
+reduce-scatters the gradients (3x). "∇W̄ gather" is what K-FAC adds under FSDP2: every block's
+gradient gathered whole (an all-gather of the blocks' parameter sizes).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 import kfac_ext
 
@@ -79,7 +85,15 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
         return float(elapsed)
 
     def wrap(model):
-        return nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        if world == 1:
+            return model
+        if cfg["wrap"] == "ddp":
+            return nn.parallel.DistributedDataParallel(model)
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
 
     sgd_ms = None
     if cfg["baseline"]:  # the same loop with DDP + SGD-momentum: what K-FAC adds to
@@ -87,6 +101,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
         sgd = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
         sgd_ms = 1e3 * statistics.median([step(net, sgd) for _ in range(cfg["warmup"] + cfg["steps"])][cfg["warmup"]:])
     model = make_model(cfg["width"], cfg["layers"])
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     net = wrap(model)
     opt = kfac_ext.KFAC(net, lr=0.01, momentum=0.9, loss="cross_entropy", damping=1e-2,
                         inv_update_steps=INV_UPDATE_STEPS, grad_worker_fraction=cfg["fraction"])
@@ -102,11 +117,14 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
     other = [t for i, t in enumerate(times) if (first + i) % INV_UPDATE_STEPS != 0]
     if rank == 0:
         n = cfg["steps"]
-        ddp_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) if world > 1 else 0
+        fsdp = world > 1 and cfg["wrap"] == "fsdp"
+        framework = 0 if world == 1 else 3 * param_bytes if fsdp else param_bytes
         comm = {k: v / n for k, v in (ctx.comm_bytes.items() if ctx is not None else [])}
-        result = dict(world=world, fraction=cfg["fraction"], sgd_ms=sgd_ms, mean_ms=1e3 * statistics.mean(times),
+        result = dict(world=world, wrap=cfg["wrap"] if world > 1 else "none", fraction=cfg["fraction"],
+                      sgd_ms=sgd_ms, mean_ms=1e3 * statistics.mean(times),
                       inversion_ms=1e3 * statistics.median(inversion) if inversion else None,
-                      other_ms=1e3 * statistics.median(other), ddp_gradient_bytes=ddp_bytes,
+                      other_ms=1e3 * statistics.median(other), framework_bytes=framework,
+                      gather_bytes=param_bytes if fsdp else 0,
                       **{f"{k}_bytes": comm.get(k, 0.0) for k in ("factors", "inverses", "gradients", "flags")})
         Path(out).write_text(json.dumps(result))
     if world > 1:
@@ -134,18 +152,19 @@ def markdown(rows: list[dict], cfg: dict) -> str:
         f"inv_update_steps={INV_UPDATE_STEPS}, {cfg['steps']} timed steps, gloo on "
         f"{os.cpu_count()} CPU cores, 1 thread per rank",
         "",
-        "| ranks | mode | step mean (ms) | inversion step (ms) | other step (ms) | SGD step (ms) "
-        "| factors KiB/step | inverses KiB/step | gradients KiB/step | flags B/step | DDP grads KiB/step |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ranks | wrapper | mode | step mean (ms) | inversion step (ms) | other step (ms) | SGD step (ms) "
+        "| factors KiB/step | inverses KiB/step | gradients KiB/step | flags B/step | framework KiB/step "
+        "| ∇W̄ gather KiB/step |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mode = "single process" if r["world"] == 1 else next(k for k, v in MODES.items() if v == r["fraction"])
         inv = f"{r['inversion_ms']:.1f}" if r["inversion_ms"] is not None else "-"
         sgd = f"{r['sgd_ms']:.1f}" if r["sgd_ms"] is not None else "″"
         lines.append(
-            f"| {r['world']} | {mode} | {r['mean_ms']:.1f} | {inv} | {r['other_ms']:.1f} | {sgd} | "
+            f"| {r['world']} | {r['wrap']} | {mode} | {r['mean_ms']:.1f} | {inv} | {r['other_ms']:.1f} | {sgd} | "
             f"{_kib(r['factors_bytes'])} | {_kib(r['inverses_bytes'])} | {_kib(r['gradients_bytes'])} | "
-            f"{r['flags_bytes']:.0f} | {_kib(r['ddp_gradient_bytes'])} |"
+            f"{r['flags_bytes']:.0f} | {_kib(r['framework_bytes'])} | {_kib(r['gather_bytes'])} |"
         )
     return "\n".join(lines)
 
@@ -153,6 +172,7 @@ def markdown(rows: list[dict], cfg: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", default="1,2,4")
+    parser.add_argument("--wraps", default="ddp,fsdp", help="data-parallel wrappers: ddp, fsdp (FSDP2)")
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=64)
@@ -165,13 +185,15 @@ def main() -> None:
     cfg = dict(width=args.width, layers=args.layers, batch=args.batch, steps=args.steps, warmup=args.warmup)
     RESULTS_DIR.mkdir(exist_ok=True)
     rows = []
+    wraps = [w for w in args.wraps.split(",") if w]
     for world in [int(w) for w in args.worlds.split(",")]:
-        for fraction in (MODES.values() if world > 1 else [1.0]):
-            out = RESULTS_DIR / f".distributed-{world}-{fraction}.json"
-            rows.append(run(world, dict(cfg, fraction=fraction, baseline=fraction == 1.0), out))
-            out.unlink()
-            print(f"  ranks {world}, grad_worker_fraction {fraction}: {rows[-1]['mean_ms']:.1f} ms/step",
-                  file=sys.stderr)
+        for wrapper in (wraps if world > 1 else wraps[:1]):
+            for fraction in (MODES.values() if world > 1 else [1.0]):
+                out = RESULTS_DIR / f".distributed-{world}-{wrapper}-{fraction}.json"
+                rows.append(run(world, dict(cfg, wrap=wrapper, fraction=fraction, baseline=fraction == 1.0), out))
+                out.unlink()
+                print(f"  ranks {world}, {wrapper}, grad_worker_fraction {fraction}: {rows[-1]['mean_ms']:.1f} ms/step",
+                      file=sys.stderr)
     table = markdown(rows, cfg)
     print(table)
     name = "distributed-cpu" + ("-quick" if args.quick else "")
@@ -189,9 +211,10 @@ def _plot(rows: list[dict], path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(5, 3.5))
     single = [r for r in rows if r["world"] == 1]
-    for label, fraction in MODES.items():
-        pts = single + [r for r in rows if r["world"] > 1 and r["fraction"] == fraction]
-        ax.plot([r["world"] for r in pts], [r["mean_ms"] for r in pts], "o-", label=label)
+    for wrapper in dict.fromkeys(r["wrap"] for r in rows if r["world"] > 1):
+        for label, fraction in MODES.items():
+            pts = single + [r for r in rows if r["world"] > 1 and r["wrap"] == wrapper and r["fraction"] == fraction]
+            ax.plot([r["world"] for r in pts], [r["mean_ms"] for r in pts], "o-", label=f"{wrapper}, {label}")
     ax.set_xlabel("ranks (processes)")
     ax.set_ylabel("mean step time (ms)")
     ax.set_xticks(sorted({r["world"] for r in rows}))
