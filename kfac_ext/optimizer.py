@@ -87,6 +87,8 @@ class KFAC(torch.optim.SGD):
                 raise ValueError(f"KFAC: parameter group option(s) {unsupported} are not supported")
         if adaptive_damping and callable(preconditioner_kwargs.get("damping")):
             raise ValueError("adaptive_damping adapts a number: pass damping as a float")
+        if adaptive_damping and any(isinstance(p, DTensor) for p in self._params()):
+            raise ValueError("KFAC(adaptive_damping=True) is not supported on FSDP2-sharded parameters yet")
         self.preconditioner = KFACPreconditioner(model, lr=self._kfac_lr, **preconditioner_kwargs)
         self._check_params_cover_blocks()
         self._block_params = {id(p) for b in self.preconditioner.blocks for p in b.params()}

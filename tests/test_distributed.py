@@ -187,6 +187,8 @@ def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None =
             if checkpoint is not None and step + 1 == spec.get("save_after") and spec["wrap"] == "fsdp":
                 with pytest.raises(NotImplementedError, match="FSDP2-sharded parameters is not supported yet"):
                     opt.load_state_dict(opt.state_dict())
+                with pytest.raises(ValueError, match="adaptive_damping=True. is not supported on FSDP2"):
+                    KFAC(net, **spec["kfac"], adaptive_damping=True)
             if checkpoint is not None and step + 1 == spec.get("save_after"):
                 # every rank takes part (FSDP2 gathers the shards); rank 0 writes
                 state = dict(model={k: whole(v) for k, v in model.state_dict().items()}, optimizer=opt.state_dict())
