@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from .layers.base import _whole
 from .preconditioner import KFACPreconditioner, Schedule, _all_finite, _value
 
 __all__ = ["KFAC"]
@@ -276,11 +277,6 @@ def _set_rng_state(state: tuple) -> None:
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state(cuda, device)
-
-
-def _whole(t):
-    """The whole tensor of an FSDP2 shard (a collective), else ``t`` as it is."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
