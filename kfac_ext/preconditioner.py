@@ -714,7 +714,7 @@ class KFACPreconditioner:
         """The preconditioned gradient of each of ``blocks`` (``grads`` in the same order); blocks
         of one shape go through one batched GEMM per side (:meth:`_grouped`)."""
         gamma = float(_value(self.damping, self.steps)) if self.damping_mode == "eigen" else 0.0
-        updates: list[Tensor] = [None]  * len(blocks)  # type: ignore[list-item]
+        updates: list[Tensor] = [None] * len(blocks)  # type: ignore[list-item]
         for indices, a_side, g_side in self._grouped(blocks, grads):
             batch = [grads[i] for i in indices]
             stacked = batch[0] if len(batch) == 1 else torch.stack(batch)

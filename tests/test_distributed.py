@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from kfac_ext import KFAC, KFACPreconditioner, Status
 from kfac_ext import distributed as kd
+from kfac_ext.layers.base import _whole as whole
 
 B = 12  # global batch: divisible by 2 and 3
 TOL = 1e-6
@@ -197,11 +197,6 @@ def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None =
     records[-1]["warnings"] = [str(m.message) for m in messages if "KFACPreconditioner" in str(m.message)]
     records[-1]["comm_bytes"] = dict(precond._dist.comm_bytes) if precond._dist is not None else {}
     return records
-
-
-def whole(t: torch.Tensor) -> torch.Tensor:
-    """An FSDP2 shard gathered whole, or the tensor itself."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
