@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from . import distributed
 from . import ops as native_ops
@@ -340,7 +341,7 @@ class KFACPreconditioner:
             # in-place activation modifies the output afterwards.
             output.register_hook(lambda grad: self._grad_hook(pairs, grad, layout))
             if self.fisher_type != "empirical":
-                self._taps.append((output, output._version, pairs))
+                self._taps.append(get_gradient_edge(output))
 
     def _grad_hook(self, pairs, grad: Tensor, layout) -> None:
         weight = self._g_weight
@@ -859,7 +860,7 @@ class KFACPreconditioner:
         self._a_rows: dict[str, int] = {}
         self._g_sum: dict[str, Tensor] = {}
         self._forwards = 0  # captured forwards (micro-batches) of this step
-        self._taps: list[tuple[Tensor, int, list]] = []  # this forward's block outputs, for the sampled backward
+        self._taps: list[GradientEdge] = []  # this forward's block outputs, for the sampled backward
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -875,18 +876,13 @@ def _cat(chunks: list[Tensor]) -> Tensor:
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
-def _sampling_inputs(taps: list[tuple[Tensor, int, list]]) -> list[Tensor]:
+def _sampling_inputs(taps: list[GradientEdge]) -> list[GradientEdge]:
     """What the sampled backward differentiates with respect to, so that every block's output
-    hook fires: the block outputs themselves (no weight-gradient GEMMs are computed; parameters
-    sharded by FSDP2 are not even in the graph), except an output modified in place since (an
-    inplace activation: its hook sits on the node before the modification, which a gradient
-    w.r.t. the modified tensor does not reach), for which the block's parameters are used."""
-    inputs: dict[int, Tensor] = {}
-    for output, version, pairs in taps:
-        untouched = output._version == version
-        for t in [output] if untouched else [p for block, _ in pairs for p in block.params()]:
-            inputs.setdefault(id(t), t)
-    return list(inputs.values())
+    hook fires: the gradient edges of the block outputs as they were recorded. No weight-gradient
+    GEMMs are computed, parameters sharded by FSDP2 need not be in the graph, and an output an
+    inplace activation modified since is still reached (its edge is the node that produced it,
+    where its hook sits; a gradient w.r.t. the modified tensor would stop above it)."""
+    return list({(id(edge.node), edge.output_nr): edge for edge in taps}.values())
 
 
 def _weighted_cat(chunks: list[tuple[Tensor, float | Tensor]]) -> tuple[Tensor, float | Tensor]:

@@ -36,10 +36,13 @@ TOL = 1e-6
 F64 = torch.float64
 
 
-def mlp() -> nn.Module:
-    """Factor sizes all differ (A: 5, 10, 7; G: 9, 6, 3), so a factor is known by its size."""
+def mlp(inplace: bool = False) -> nn.Module:
+    """Factor sizes all differ (A: 5, 10, 7; G: 9, 6, 3), so a factor is known by its size.
+    ``inplace``: the first activation is ``ReLU(inplace=True)``, which modifies the first
+    layer's output (as in torchvision's ResNets and VGGs)."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 9), nn.Tanh(), nn.Linear(9, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    first = nn.ReLU(inplace=True) if inplace else nn.Tanh()
+    return nn.Sequential(nn.Linear(4, 9), first, nn.Linear(9, 6), nn.Tanh(), nn.Linear(6, 3)).double()
 
 
 def global_batch(step: int):
@@ -87,6 +90,8 @@ SCENARIOS = {
     "fsdp-b-cholesky-empirical": dict(kfac=kfac_args("b", "cholesky", "empirical"), wrap="fsdp", steps=4),
     "fsdp-nan-input": dict(kfac=kfac_args("a", "eigen", "type-2"), wrap="fsdp", steps=4, nan_input=2),
     "fsdp-mc": dict(kfac=kfac_args("b", "eigen", "mc"), wrap="fsdp", steps=3, reference=False),
+    # ReLU(inplace=True) modifies the first layer's output: the sampled backward still reaches it.
+    "fsdp-inplace-type2": dict(kfac=kfac_args("a", "cholesky", "type-2"), wrap="fsdp", steps=3, inplace=True),
     # Saved by the sharded run after 3 steps (parameters and momentum gathered whole), resumed on
     # one process and on 2 ranks.
     "fsdp-ckpt": dict(kfac=kfac_args("a", "eigen", "type-2"), wrap="fsdp", steps=6, save_after=3),
@@ -97,7 +102,7 @@ SCENARIOS = {
 RUNS = {
     2: ["a-eigen-type2", "b-cholesky-empirical", "nan-input", "nan-statistics", "fail-a", "fail-b",
         "ckpt-a", "ckpt-b", "mc", "fsdp-a-eigen-type2", "fsdp-b-cholesky-empirical", "fsdp-nan-input",
-        "fsdp-mc", "fsdp-bf16", "fsdp-ckpt"],
+        "fsdp-mc", "fsdp-bf16", "fsdp-ckpt", "fsdp-inplace-type2"],
     3: ["a-cholesky-empirical-manual", "b-eigen-type2", "subgroup", "fsdp-a-eigen-type2"],
 }
 
@@ -135,7 +140,7 @@ def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None =
     """Runs ``spec`` on this rank; returns per step the parameters, the preconditioned gradients,
     the factors and the stats after the step. ``resume``: load that checkpoint first and run
     the remaining steps."""
-    model = mlp()
+    model = mlp(spec.get("inplace", False))
     net = model
     if world > 1 and spec["wrap"] == "ddp":
         net = nn.parallel.DistributedDataParallel(model)
