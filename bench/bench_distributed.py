@@ -2,9 +2,9 @@
 values of ``grad_worker_fraction``, under DistributedDataParallel and under FSDP2 (``fully_shard``).
 
     python bench/bench_distributed.py --quick     # < 1 min on 2 CPU cores
-    python bench/bench_distributed.py [--worlds 1,2,4] [--wraps ddp,fsdp] [--width 256] [--steps 40]
+    python bench/bench_distributed.py [--worlds 1,2,3] [--wraps ddp,fsdp] [--width 256] [--steps 40]
 
-One process per rank on 127.0.0.1, one thread each (so 4 ranks on a 2-core machine are
+One process per rank on 127.0.0.1, one thread each (so 3 ranks on a 2-core machine are
 oversubscribed: read those times as a ceiling). Weak scaling: every rank trains on its own batch
 of ``--batch`` rows, so the global batch grows with the world. The model is an MLP of
 ``--layers`` Linear layers of width ``--width`` (K-FAC factors of ``width + 1``), fp32, KFAC with
@@ -17,13 +17,14 @@ KFAC step), measured between barriers: "mean" over the timed steps (inversions a
 handed to collectives, counted from the buffers (``DistributedContext.comm_bytes``, and the
 parameters for DDP's gradient all-reduce): "factors" (all-reduce of upper triangles, every
 step), "inverses" (broadcast from the owners, inversion steps only, ``grad_worker_fraction=1``),
-"gradients" (preconditioned gradients broadcast by the owners, every step,
-``grad_worker_fraction=0``), "flags" (finite flags, inversion status). A ring all-reduce moves
-about ``2(p-1)/p`` times its payload through each rank, a broadcast about once. "framework" is
-the data-parallel wrapper's own payload per step, from the parameter sizes: DDP all-reduces the
-gradients; FSDP2 all-gathers the parameters for the forward and again for the backward and
-reduce-scatters the gradients (3x). "∇W̄ gather" is what K-FAC adds under FSDP2: every block's
-gradient gathered whole (an all-gather of the blocks' parameter sizes).
+"gradients" (every step: under DDP with ``grad_worker_fraction=0``, the preconditioned gradients
+the owners broadcast; under FSDP2, the bytes a rank sends in the gradient exchange, the
+all-gather of the shards with ``1``, the all-to-alls to and from the owners with ``0``), "flags"
+(finite flags, inversion status, the KL-clip sum). Every count is the mean over the ranks. A ring
+all-reduce moves about ``2(p-1)/p`` times its payload through each rank, a broadcast about once.
+"framework" is the data-parallel wrapper's own payload per step, from the parameter sizes: DDP
+all-reduces the gradients; FSDP2 all-gathers the parameters for the forward and again for the
+backward and reduce-scatters the gradients (3x).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import kfac_ext
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 INV_UPDATE_STEPS = 10
-MODES = {"inverses broadcast (f=1)": 1.0, "gradients broadcast (f=0)": 0.0}
+MODES = {"every rank preconditions (f=1)": 1.0, "owners precondition (f=0)": 0.0}
 
 
 def make_model(width: int, layers: int) -> nn.Module:
@@ -113,18 +114,20 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
         ctx.comm_bytes = dict.fromkeys(ctx.comm_bytes, 0)
     first = precond.steps
     times = [step(net, opt) for _ in range(cfg["steps"])]
+    comm = {}
+    if ctx is not None:  # the mean over the ranks
+        counted = torch.tensor(list(ctx.comm_bytes.values()), dtype=torch.float64)
+        dist.all_reduce(counted)
+        comm = {k: float(v) / (world * cfg["steps"]) for k, v in zip(ctx.comm_bytes, counted)}
     inversion = [t for i, t in enumerate(times) if (first + i) % INV_UPDATE_STEPS == 0]
     other = [t for i, t in enumerate(times) if (first + i) % INV_UPDATE_STEPS != 0]
     if rank == 0:
-        n = cfg["steps"]
         fsdp = world > 1 and cfg["wrap"] == "fsdp"
         framework = 0 if world == 1 else 3 * param_bytes if fsdp else param_bytes
-        comm = {k: v / n for k, v in (ctx.comm_bytes.items() if ctx is not None else [])}
         result = dict(world=world, wrap=cfg["wrap"] if world > 1 else "none", fraction=cfg["fraction"],
                       sgd_ms=sgd_ms, mean_ms=1e3 * statistics.mean(times),
                       inversion_ms=1e3 * statistics.median(inversion) if inversion else None,
                       other_ms=1e3 * statistics.median(other), framework_bytes=framework,
-                      gather_bytes=param_bytes if fsdp else 0,
                       **{f"{k}_bytes": comm.get(k, 0.0) for k in ("factors", "inverses", "gradients", "flags")})
         Path(out).write_text(json.dumps(result))
     if world > 1:
@@ -153,9 +156,8 @@ def markdown(rows: list[dict], cfg: dict) -> str:
         f"{os.cpu_count()} CPU cores, 1 thread per rank",
         "",
         "| ranks | wrapper | mode | step mean (ms) | inversion step (ms) | other step (ms) | SGD step (ms) "
-        "| factors KiB/step | inverses KiB/step | gradients KiB/step | flags B/step | framework KiB/step "
-        "| ∇W̄ gather KiB/step |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| factors KiB/step | inverses KiB/step | gradients KiB/step | flags B/step | framework KiB/step |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mode = "single process" if r["world"] == 1 else next(k for k, v in MODES.items() if v == r["fraction"])
@@ -164,14 +166,14 @@ def markdown(rows: list[dict], cfg: dict) -> str:
         lines.append(
             f"| {r['world']} | {r['wrap']} | {mode} | {r['mean_ms']:.1f} | {inv} | {r['other_ms']:.1f} | {sgd} | "
             f"{_kib(r['factors_bytes'])} | {_kib(r['inverses_bytes'])} | {_kib(r['gradients_bytes'])} | "
-            f"{r['flags_bytes']:.0f} | {_kib(r['framework_bytes'])} | {_kib(r['gather_bytes'])} |"
+            f"{r['flags_bytes']:.0f} | {_kib(r['framework_bytes'])} |"
         )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worlds", default="1,2,4")
+    parser.add_argument("--worlds", default="1,2,3")
     parser.add_argument("--wraps", default="ddp,fsdp", help="data-parallel wrappers: ddp, fsdp (FSDP2)")
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)

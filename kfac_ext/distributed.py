@@ -33,6 +33,16 @@ factors, inverses, statistics and gradients:
      rank; gradient-sized communication at every step. KAISA's hybrid fractions in between are
      not implemented: any value below 1 means one gradient worker per layer.
 
+   Under FSDP2 (``fully_shard``) the gradients are row shards (DTensors, ``torch.chunk`` on dim
+   0), and the modes become: ``1.0``, one all-gather of every rank's shards, then every rank
+   preconditions every block and keeps its rows; below 1 (the default under FSDP2), one
+   all-to-all sends each block's rows to its owner, which alone holds the block's inverses and
+   its whole gradient, and one all-to-all sends every rank its rows of the result back. Summed
+   over ``p`` ranks, per step, that is ``2(p-1)`` gradient shards' worth of bytes against
+   ``p(p-1)`` for the all-gather (equal at 2 ranks, a third at 6), and no rank materialises a
+   gradient it does not precondition. Each rank's piece is padded to ``ceil(rows / p)`` rows, so
+   the pieces of one collective have one size.
+
 Gradients themselves are averaged by ``DistributedDataParallel`` (or by the user, for an
 unwrapped model under a process group), not here. ``comm_bytes`` counts, per category, the
 bytes of the buffers handed to collectives (the payload; a ring all-reduce moves about
@@ -50,12 +60,16 @@ that step is an inverse-update step anyway).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+from .layers.base import check_row_sharded
 
 if TYPE_CHECKING:
     from .layers import Block
@@ -97,7 +111,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def check_grad_worker_fraction(value: float) -> float:
+def check_grad_worker_fraction(value: float | None) -> float | None:
+    if value is None:  # chosen by the context: 0 for FSDP2-sharded parameters, else 1
+        return None
     value = float(value)
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"grad_worker_fraction must be in [0, 1], got {value}")
@@ -108,7 +124,7 @@ def setup(
     precond: KFACPreconditioner,
     *,
     process_group: dist.ProcessGroup | None = None,
-    grad_worker_fraction: float = 1.0,
+    grad_worker_fraction: float | None = None,
     seed: int = 0,
 ) -> DistributedContext | None:
     """A :class:`DistributedContext` for ``precond`` when ``torch.distributed`` is initialised
@@ -233,18 +249,21 @@ class DistributedContext:
     Attributes:
         rank, world_size: this process in ``group``.
         shares_gradients: ``grad_worker_fraction < 1``: owners precondition their layers and
-            broadcast the result.
+            broadcast the result (scatter it, under FSDP2).
+        sharded: the blocks' parameters are FSDP2 row shards (DTensors).
         owners: ``{(layer name, "A" | "G"): rank}``, identical on every rank.
         comm_bytes, comm_calls: per category (``"factors"``, ``"inverses"``, ``"gradients"``,
             ``"flags"``), the bytes handed to collectives and the number of collectives, summed
-            since construction (reset them freely).
+            since construction (reset them freely). The FSDP2 gradient exchanges count the bytes
+            this rank sends to the others: ``p - 1`` times its shards for an all-gather, the
+            parts for other ranks of an all-to-all.
     """
 
     def __init__(
         self,
         precond: KFACPreconditioner,
         group: dist.ProcessGroup | None,
-        grad_worker_fraction: float,
+        grad_worker_fraction: float | None,
         seed: int,
         bucket_cap_mb: float = 25.0,
     ):
@@ -252,11 +271,14 @@ class DistributedContext:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        layers = precond.blocks
+        self.sharded = _check_sharding(layers, group)
+        if grad_worker_fraction is None:  # FSDP2 users want memory: owners hold a layer's inverses
+            grad_worker_fraction = 0.0 if self.sharded else 1.0
         self.grad_worker_fraction = grad_worker_fraction
         self.shares_gradients = grad_worker_fraction < 1.0
         self.seed = seed
         self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
-        layers = precond.blocks
         self.device = layers[0].device
         items = lpt_assignment(inversion_costs(layers, colocate=self.shares_gradients), self.world_size)
         if self.shares_gradients:
@@ -420,6 +442,79 @@ class DistributedContext:
                 offset += k
         return updates
 
+    # ---- FSDP2: row-sharded gradients -----------------------------------------------------
+
+    def gather_gradients(self, blocks: list[Block]) -> list[Tensor | None]:
+        """``∇W̄`` of every block, whole, from the FSDP2 shards: on every rank (one all-gather per
+        dtype) when every rank preconditions every block, else on the block's owner only (one
+        all-to-all per dtype: each rank sends its rows to the owner), None elsewhere. None for a
+        block that did not run."""
+        ran = [i for i, b in enumerate(blocks) if b.weight.grad is not None]
+        for i in ran:
+            if blocks[i].bias is not None and blocks[i].bias.grad is None:
+                blocks[i].bias.grad = torch.zeros_like(blocks[i].bias)
+        matrices: list[Tensor | None] = [None] * len(blocks)
+        for idx in _by_grad_dtype(blocks, ran):
+            if self.shares_gradients:
+                here = [i for i in idx if self._grad_owner(blocks[i]) == self.rank]
+                order = [i for src in range(self.world_size) for i in idx if self._grad_owner(blocks[i]) == src]
+                send = _flat([g for i in order for g in blocks[i].grads()], self.world_size)
+                splits = [sum(_piece(g.shape, self.world_size) for i in idx if self._grad_owner(blocks[i]) == dst
+                              for g in blocks[i].grads()) for dst in range(self.world_size)]
+                width = sum(_piece(g.shape, self.world_size) for i in here for g in blocks[i].grads())
+                pieces = send.new_empty(self.world_size, width)
+                self._exchange(pieces.view(-1), send, [width] * self.world_size, splits)
+            else:
+                here = idx
+                send = _flat([g for i in idx for g in blocks[i].grads()], self.world_size)
+                pieces = send.new_empty(self.world_size, send.numel())
+                self._count_sent(send.numel() * (self.world_size - 1) * send.element_size())
+                dist.all_gather_into_tensor(pieces.view(-1), send, group=self.group)
+            wholes = iter(_unflat(pieces, [g.shape for i in here for g in blocks[i].grads()], self.world_size))
+            for i in here:
+                matrices[i] = blocks[i].matrix(next(wholes), next(wholes) if blocks[i].bias is not None else None)
+        return matrices
+
+    def scatter_gradients(self, blocks: list[Block], results: dict[int, Tensor]) -> None:
+        """``shares_gradients`` under FSDP2: each owner sends every rank its rows of the
+        ``results`` (``{index into blocks: W̄-shaped}``, the owner's blocks) and every rank writes
+        what it receives into its gradient shards (one all-to-all per dtype)."""
+        for idx in _by_grad_dtype(blocks, range(len(blocks))):
+            mine = [i for i in idx if self._grad_owner(blocks[i]) == self.rank]
+            wholes = [w for i in mine for w in blocks[i].split(results[i])]
+            send = _padded_rows(wholes, self.world_size, like=blocks[idx[0]].weight.grad.to_local())
+            sizes = [sum(_piece(g.shape, self.world_size) for i in idx if self._grad_owner(blocks[i]) == src
+                         for g in blocks[i].grads()) for src in range(self.world_size)]
+            received = send.new_empty(sum(sizes))
+            self._exchange(received, send.view(-1), sizes, [send.shape[1]] * self.world_size)
+            offset = 0
+            for src in range(self.world_size):
+                for i in idx:
+                    if self._grad_owner(blocks[i]) != src:
+                        continue
+                    for g in blocks[i].grads():
+                        local = g.to_local()
+                        local.view(-1).copy_(received[offset:offset + local.numel()])
+                        offset += _piece(g.shape, self.world_size)
+
+    def all_sum(self, value: Tensor) -> Tensor:
+        """``value`` (a 0-d tensor) summed over the ranks."""
+        value = value.reshape(1).clone()
+        self._count("flags", value)
+        dist.all_reduce(value, group=self.group)
+        return value[0]
+
+    def _grad_owner(self, block: Block) -> int:
+        return self.owners[(block.name, "A")]
+
+    def _exchange(self, received: Tensor, send: Tensor, received_sizes: list[int], send_sizes: list[int]) -> None:
+        self._count_sent((send.numel() - send_sizes[self.rank]) * send.element_size())
+        dist.all_to_all_single(received, send, received_sizes, send_sizes, group=self.group)
+
+    def _count_sent(self, nbytes: int) -> None:
+        self.comm_bytes["gradients"] += nbytes
+        self.comm_calls["gradients"] += 1
+
     # ---- checkpoints ---------------------------------------------------------------------
 
     def adjust_state_dict(self, state: dict) -> None:
@@ -435,3 +530,76 @@ class DistributedContext:
         key = f"kfac_ext/{self.seed}/{self.rank}/{state['steps']}".encode()
         derived = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1)
         self.precond.generator.manual_seed(derived)
+
+
+# ---- FSDP2 row shards ----------------------------------------------------------------------
+
+
+def _check_sharding(layers: Sequence[Block], group: dist.ProcessGroup | None) -> bool:
+    """Whether the blocks' parameters are FSDP2 shards; they must be all or none, row-sharded
+    over a mesh of exactly the ranks of ``group``."""
+    params = [p for l in layers for p in l.params()]
+    sharded = [isinstance(p, DTensor) for p in params]
+    if not any(sharded):
+        return False
+    if not all(sharded):
+        plain = sorted({l.name for l in layers for p in l.params() if not isinstance(p, DTensor)})
+        raise ValueError(f"K-FAC under FSDP2 needs every preconditioned layer sharded; {plain} are not "
+                         "(fully_shard the root module too)")
+    ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+    for p in params:
+        check_row_sharded(p)
+        if dist.get_process_group_ranks(p.device_mesh.get_group()) != ranks:
+            raise NotImplementedError("K-FAC under FSDP2 needs the parameters sharded over the ranks of its "
+                                      "process group (no HSDP / replicated meshes)")
+    return True
+
+
+def _piece(shape: torch.Size, world: int) -> int:
+    """Elements of one rank's piece of a tensor of ``shape`` row-sharded over ``world`` ranks, in
+    a flat buffer: ``ceil(rows / world)`` rows, so that every rank's piece has one size (the
+    short ones padded)."""
+    return -(-shape[0] // world) * math.prod(shape[1:])
+
+
+def _by_grad_dtype(blocks: Sequence[Block], indices) -> list[list[int]]:
+    groups: dict[torch.dtype, list[int]] = {}
+    for i in indices:
+        groups.setdefault(blocks[i].weight.grad.dtype, []).append(i)
+    return list(groups.values())
+
+
+def _flat(grads: list[DTensor], world: int) -> Tensor:
+    """This rank's shards of ``grads`` side by side, each in its padded piece."""
+    flat = grads[0].to_local().new_empty(sum(_piece(g.shape, world) for g in grads))
+    offset = 0
+    for g in grads:
+        local = g.to_local()
+        flat[offset:offset + local.numel()].copy_(local.reshape(-1))
+        offset += _piece(g.shape, world)
+    return flat
+
+
+def _unflat(pieces: Tensor, shapes: list[torch.Size], world: int) -> list[Tensor]:
+    """Whole tensors of ``shapes`` from ``pieces[r]``, rank ``r``'s padded row pieces."""
+    wholes, offset = [], 0
+    for shape in shapes:
+        size = _piece(shape, world)
+        rows = pieces[:, offset:offset + size].reshape(-1, *shape[1:])
+        wholes.append(rows[:shape[0]])
+        offset += size
+    return wholes
+
+
+def _padded_rows(wholes: list[Tensor], world: int, like: Tensor) -> Tensor:
+    """``[world, n]`` (dtype and device of ``like``): row ``r`` holds rank ``r``'s rows
+    (``torch.chunk`` on dim 0) of each of ``wholes``, in their padded pieces."""
+    out = like.new_empty(world, sum(_piece(w.shape, world) for w in wholes))
+    offset = 0
+    for w in wholes:
+        size = _piece(w.shape, world)
+        padded = w.new_zeros(world * -(-w.shape[0] // world), *w.shape[1:])
+        padded[:w.shape[0]] = w
+        out[:, offset:offset + size].copy_(padded.view(world, size))
+        offset += size
+    return out

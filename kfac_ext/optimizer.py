@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .layers.base import _whole
+from .layers.base import _local, _whole
 from .preconditioner import KFACPreconditioner, Schedule, _all_finite, _value
 
 __all__ = ["KFAC"]
@@ -278,7 +278,3 @@ def _set_rng_state(state: tuple) -> None:
     if cuda is not None:
         torch.cuda.set_rng_state(cuda, device)
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of an FSDP2 DTensor, or the tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t

@@ -40,7 +40,7 @@ from . import distributed
 from . import ops as native_ops
 from . import reference as reference_ops
 from .layers import KFAC_APPROXIMATIONS, Block, find_blocks
-from .layers.base import Hook
+from .layers.base import Hook, _local
 from .losses import CrossEntropy, Loss, make_loss
 from .ops import Status
 
@@ -160,7 +160,8 @@ class KFACPreconditioner:
             a process group uses ``seed + r``.
         grad_worker_fraction: with more than one rank (see :mod:`kfac_ext.distributed`): ``1.0``
             broadcasts every inverse and every rank preconditions every block; below 1, each
-            block's owner preconditions it and broadcasts the result at every step.
+            block's owner preconditions it and broadcasts (under FSDP2: scatters) the result at
+            every step. Default: 1, or 0 when the parameters are FSDP2 shards.
         process_group: the ranks to work with; default: the world when ``torch.distributed`` is
             initialised. With more than one rank, factors are averaged and inversions spread
             over the ranks; ``model`` may be wrapped in ``DistributedDataParallel``.
@@ -193,7 +194,7 @@ class KFACPreconditioner:
         max_factor_dim: int = 8192,
         backend: str = "native",
         seed: int = 0,
-        grad_worker_fraction: float = 1.0,
+        grad_worker_fraction: float | None = None,
         process_group: Any = None,
     ):
         _check_choice("fisher_type", fisher_type, FISHER_TYPES)
@@ -483,19 +484,22 @@ class KFACPreconditioner:
         step is counted in ``stats``. A step that updates no factors and no inverses decides all
         of this on the device and never synchronizes with it; reading the flag does.
         """
-        grads = [b.grad_matrix() for b in self.blocks]
-        self.last_raw_gradients = grads
-        present = [g for g in grads if g is not None]
-        if not present:
+        ran = [b for b in self.blocks if b.weight.grad is not None]
+        if not ran:
             raise RuntimeError("KFACPreconditioner.step(): no block has a gradient; call loss.backward() before step()")
-        finite = _all_finite(present)
+        finite = _all_finite([_local(g) for b in ran for g in b.grads()])
+        if self._sharded():  # whole on the ranks that precondition them, None elsewhere
+            grads = self._dist.gather_gradients(self.blocks)
+        else:
+            grads = [b.grad_matrix() for b in self.blocks]
+        self.last_raw_gradients = grads
         if self._dist is not None:  # all ranks skip together
             finite = self._dist.all_finite(finite)
         if self._is_factor_step():
             self._check_model_unchanged()
             self._flush()
             if not self._update_factors(finite):
-                return self._nonfinite_step(grads, finite)
+                return self._nonfinite_step(ran, finite)
         if self._a and (self._inv.keys() != self._a.keys() or self.steps % max(1, int(_value(self.inv_update_steps, self.steps))) == 0):
             self._update_inverses()
         self._precondition(grads, finite)
@@ -503,18 +507,21 @@ class KFACPreconditioner:
         self._finish_step()
         return finite
 
-    def _nonfinite_step(self, grads, finite: Tensor) -> Tensor:
+    def _nonfinite_step(self, ran: list[Block], finite: Tensor) -> Tensor:
         self._count_nonfinite(~finite)  # every rank got the same flag: all skip alike
         self._stats["skipped_factor_updates"] += 1
         if not self._scaled():
-            for block, g in zip(self.blocks, grads):
-                if g is not None:
-                    block.set_grad(torch.zeros_like(g))
+            for block in ran:
+                block.mask_grad_(finite)  # finite is False: zeros
         self._finish_step()
         return finite
 
     def _scaled(self) -> bool:
         return self.grad_scaler is not None and self.grad_scaler.is_enabled()
+
+    def _sharded(self) -> bool:
+        """FSDP2 row-sharded parameters: gradients are gathered to the ranks that precondition."""
+        return self._dist is not None and self._dist.sharded
 
     def _finish_step(self) -> None:
         self._clear_pending()
@@ -691,25 +698,36 @@ class KFACPreconditioner:
     def _precondition(self, grads: list[Tensor | None], finite: Tensor) -> None:
         """Rewrites ``.grad`` of every block with a gradient: the clipped natural-gradient
         direction where inverses exist, the raw gradient elsewhere; zeros (or, with a grad scaler,
-        the raw gradient) when ``finite`` is False. Decided on the device: no synchronization."""
-        ready = [i for i, (b, g) in enumerate(zip(self.blocks, grads)) if g is not None and b.name in self._inv]
+        the raw gradient) when ``finite`` is False. Decided on the device: no synchronization.
+        ``grads`` is None for a block that did not run (and, under FSDP2 with owners, for a
+        block another rank preconditions)."""
+        ran = [b.weight.grad is not None for b in self.blocks]
+        ready = [i for i, b in enumerate(self.blocks) if ran[i] and b.name in self._inv]
         if ready:
             blocks = [self.blocks[i] for i in ready]
-            ready_grads = [grads[i] for i in ready]
-            if self._dist is not None and self._dist.shares_gradients:  # owners precondition, then broadcast
-                updates = self._dist.precondition(blocks, ready_grads)
+            if self._sharded() and self._dist.shares_gradients:  # owners precondition, then scatter
+                here = [k for k, i in enumerate(ready) if grads[i] is not None]
+                results = self._directions([blocks[k] for k in here], [grads[ready[k]] for k in here], finite)
+                self._dist.scatter_gradients(blocks, dict(zip(here, results)))
             else:
-                updates = self._apply_inverses(blocks, ready_grads)
-            nu = self._kl_clip_scale(updates, ready_grads)
-            for block, update, raw in zip(blocks, updates, ready_grads):
-                if nu is not None:
-                    update = update.mul_(nu)
-                block.set_grad(torch.where(finite, update, raw if self._scaled() else 0.0))
+                for block, direction in zip(blocks, self._directions(blocks, [grads[i] for i in ready], finite)):
+                    block.set_grad(direction)
         if not self._scaled():
             ready_set = set(ready)
-            for i, (block, g) in enumerate(zip(self.blocks, grads)):
-                if g is not None and i not in ready_set:  # no inverses yet: the raw gradient, if finite
-                    block.set_grad(torch.where(finite, g, 0.0))
+            for i, block in enumerate(self.blocks):
+                if ran[i] and i not in ready_set:  # no inverses yet: the raw gradient, if finite
+                    block.mask_grad_(finite)
+
+    def _directions(self, blocks: list[Block], grads: list[Tensor], finite: Tensor) -> list[Tensor]:
+        """The clipped preconditioned gradients of ``blocks`` where ``finite``; zeros (the raw
+        gradients with a grad scaler) where not."""
+        if self._dist is not None and self._dist.shares_gradients and not self._sharded():
+            updates = self._dist.precondition(blocks, grads)  # owners precondition, then broadcast
+        else:
+            updates = self._apply_inverses(blocks, grads)
+        nu = self._kl_clip_scale(updates, grads)
+        return [torch.where(finite, u.mul_(nu) if nu is not None else u, g if self._scaled() else 0.0)
+                for u, g in zip(updates, grads)]
 
     def _apply_inverses(self, blocks: list[Block], grads: list[Tensor]) -> list[Tensor]:
         """The preconditioned gradient of each of ``blocks`` (``grads`` in the same order); blocks
@@ -763,7 +781,11 @@ class KFACPreconditioner:
             self._stats["kl_clip_scale"] = 1.0
             return None
         lr = float(_value(self.lr, self.steps))
-        vg = torch.stack([_dot(u, g) for u, g in zip(updates, grads)]).sum() * lr**2
+        dots = [_dot(u, g) for u, g in zip(updates, grads)]
+        vg = torch.stack(dots).sum() if dots else torch.zeros((), dtype=torch.float64, device=self.blocks[0].device)
+        if self._sharded() and self._dist.shares_gradients:  # each rank holds its blocks' terms
+            vg = self._dist.all_sum(vg)
+        vg = vg * lr**2
         nu = torch.where(vg != 0, (kl_clip / vg.abs()).sqrt().clamp(max=1.0), 1.0)
         self._kl_scale = nu
         return nu

@@ -50,10 +50,12 @@ def global_batch(step: int):
     return torch.randn(B, 4, generator=g, dtype=F64), torch.randint(0, 3, (B,), generator=g)
 
 
-def kfac_args(mode: str, inversion: str, fisher_type: str, **extra) -> dict:
+def kfac_args(mode: str | None, inversion: str, fisher_type: str, **extra) -> dict:
+    """``mode`` None: the default ``grad_worker_fraction`` (0 under FSDP2, else 1)."""
+    if mode is not None:
+        extra["grad_worker_fraction"] = 1.0 if mode == "a" else 0.0
     return dict(lr=0.1, momentum=0.9, loss="cross_entropy", fisher_type=fisher_type, inversion=inversion,
-                damping=1e-2, inv_update_steps=2, factor_dtype=F64, inv_dtype=F64,
-                grad_worker_fraction=1.0 if mode == "a" else 0.0, **extra)
+                damping=1e-2, inv_update_steps=2, factor_dtype=F64, inv_dtype=F64, **extra)
 
 
 # name -> spec. mode "a": inverses broadcast (grad_worker_fraction=1); "b": owners precondition
@@ -91,7 +93,9 @@ SCENARIOS = {
     "fsdp-nan-input": dict(kfac=kfac_args("a", "eigen", "type-2"), wrap="fsdp", steps=4, nan_input=2),
     "fsdp-mc": dict(kfac=kfac_args("b", "eigen", "mc"), wrap="fsdp", steps=3, reference=False),
     # ReLU(inplace=True) modifies the first layer's output: the sampled backward still reaches it.
-    "fsdp-inplace-type2": dict(kfac=kfac_args("a", "cholesky", "type-2"), wrap="fsdp", steps=3, inplace=True),
+    # The default grad_worker_fraction: owners gather, precondition and scatter.
+    "fsdp-inplace-type2": dict(kfac=kfac_args(None, "cholesky", "type-2", kl_clip=1e-2), wrap="fsdp", steps=3,
+                               inplace=True),
     # Saved by the sharded run after 3 steps (parameters and momentum gathered whole), resumed on
     # one process and on 2 ranks.
     "fsdp-ckpt": dict(kfac=kfac_args("a", "eigen", "type-2"), wrap="fsdp", steps=6, save_after=3),
@@ -103,7 +107,7 @@ RUNS = {
     2: ["a-eigen-type2", "b-cholesky-empirical", "nan-input", "nan-statistics", "fail-a", "fail-b",
         "ckpt-a", "ckpt-b", "mc", "fsdp-a-eigen-type2", "fsdp-b-cholesky-empirical", "fsdp-nan-input",
         "fsdp-mc", "fsdp-bf16", "fsdp-ckpt", "fsdp-inplace-type2"],
-    3: ["a-cholesky-empirical-manual", "b-eigen-type2", "subgroup", "fsdp-a-eigen-type2"],
+    3: ["a-cholesky-empirical-manual", "b-eigen-type2", "subgroup", "fsdp-a-eigen-type2", "fsdp-inplace-type2"],
 }
 
 
@@ -306,9 +310,18 @@ def test_ranks_match_single_process_and_each_other(runs, world, name):
             assert all(torch.isfinite(p).all() for p in rec["params"])
         assert records[-1]["warnings"] == want[-1]["warnings"]
         comm = records[-1]["comm_bytes"]
-        shares_gradients = SCENARIOS[name]["kfac"]["grad_worker_fraction"] < 1
+        shares_gradients = SCENARIOS[name]["kfac"].get("grad_worker_fraction", 0.0) < 1
+        fsdp = SCENARIOS[name]["wrap"] == "fsdp"
         assert comm["factors"] > 0 and comm["flags"] > 0
-        assert (comm["gradients"] > 0, comm["inverses"] > 0) == (shares_gradients, not shares_gradients)
+        assert (comm["gradients"] > 0, comm["inverses"] > 0) == (shares_gradients or fsdp, not shares_gradients)
+    if fsdp:
+        # Per step, summed over the ranks: every rank sends its padded pieces (ceil(rows / p)
+        # rows of each gradient) to the p - 1 others (all-gather), or to each layer's owner,
+        # which sends every other rank its piece back: 2 (p - 1) pieces in all.
+        pieces = sum(-(-p.shape[0] // world) * p[0].numel() for p in mlp().parameters()) * 8
+        sent = sum(records[-1]["comm_bytes"]["gradients"] for records in per_rank)
+        per_step = 2 * (world - 1) * pieces if shares_gradients else world * (world - 1) * pieces
+        assert sent == len(want) * per_step
 
 
 def _mc_factors_per_rank(records: list[dict], world: int, seeds: list[int]) -> list[dict]:

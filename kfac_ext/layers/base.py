@@ -106,22 +106,47 @@ class Block:
         return torch.cat([w, b.unsqueeze(1)], 1)
 
     def grad_matrix(self) -> Tensor | None:
-        """``∇W̄``; None when the weight has no gradient (the block did not run). Gradients
-        sharded by FSDP2 (DTensors) are gathered whole first."""
+        """``∇W̄``; None when the weight has no gradient (the block did not run)."""
         if self.weight.grad is None:
             return None
-        bias_grad = _whole(self.bias.grad) if self.bias is not None and self.bias.grad is not None else None
-        return self.matrix(_whole(self.weight.grad), bias_grad)
+        return self.matrix(self.weight.grad, self.bias.grad if self.bias is not None else None)
+
+    def split(self, matrix: Tensor) -> list[Tensor]:
+        """``[∇W | ∇b]`` as whole parameter-shaped tensors (the weight's, then the bias's), in the
+        dtype of the parameters' gradients."""
+        cols = self.a_dim - int(self.has_bias)
+        weight = torch.empty(self.weight.shape, dtype=_local(self.weight.grad).dtype, device=matrix.device)
+        self.write_weight(weight, matrix[:, :cols])
+        if self.bias is None:
+            return [weight]
+        bias = torch.empty(self.bias.shape, dtype=weight.dtype, device=matrix.device)
+        self.bias_view(bias).copy_(matrix[:, cols])
+        return [weight, bias]
 
     def set_grad(self, matrix: Tensor) -> None:
         """Writes ``[∇W | ∇b]`` back into ``.grad`` (in the parameters' dtype and layout; into
-        this rank's shard of an FSDP2-sharded gradient)."""
+        this rank's rows of an FSDP2-sharded gradient)."""
+        if self.bias is not None and self.bias.grad is None:
+            self.bias.grad = torch.zeros_like(self.bias)
+        if isinstance(self.weight.grad, DTensor):
+            for grad, whole in zip(self.grads(), self.split(matrix)):
+                grad.to_local().copy_(rows_of_rank(whole, grad))
+            return
         cols = self.a_dim - int(self.has_bias)
-        _write_grad(self.weight.grad, lambda g: self.write_weight(g, matrix[:, :cols]))
+        self.write_weight(self.weight.grad, matrix[:, :cols])
         if self.bias is not None:
-            if self.bias.grad is None:
-                self.bias.grad = torch.zeros_like(self.bias)
-            _write_grad(self.bias.grad, lambda g: self.bias_view(g).copy_(matrix[:, cols]))
+            self.bias_view(self.bias.grad).copy_(matrix[:, cols])
+
+    def grads(self) -> list[Tensor]:
+        """The parameters' gradients that exist (DTensors under FSDP2)."""
+        return [p.grad for p in self.params() if p.grad is not None]
+
+    def mask_grad_(self, keep: Tensor) -> None:
+        """Zeroes the gradients where the 0-d bool ``keep`` is False (decided on the device; the
+        zeros replace NaNs too); this rank's shard of FSDP2 gradients."""
+        for grad in self.grads():
+            local = _local(grad)
+            local.copy_(torch.where(keep, local, 0.0))
 
 
 def _whole(t: Tensor) -> Tensor:
@@ -129,27 +154,37 @@ def _whole(t: Tensor) -> Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _write_grad(grad: Tensor, write: Callable[[Tensor], None]) -> None:
-    """``write(grad)``; for an FSDP2-sharded gradient, ``write`` fills a whole parameter-shaped
-    tensor and this rank's rows of it go into the local shard (FSDP2 shards dim 0 as
-    ``torch.chunk`` does; the last ranks' shards may be empty)."""
-    if not isinstance(grad, DTensor):
-        write(grad)
-        return
-    mesh, placements = grad.device_mesh, grad.placements
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of an FSDP2 DTensor, or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def check_row_sharded(t: DTensor) -> None:
+    """FSDP2's default layout, the only one K-FAC handles: dim 0 sharded over a 1-D mesh."""
+    mesh, placements = t.device_mesh, t.placements
     if mesh.ndim != 1 or len(placements) != 1 or placements[0] != Shard(0):
-        raise NotImplementedError(f"K-FAC supports FSDP2 gradients sharded on dim 0 over a 1-D mesh, "
+        raise NotImplementedError(f"K-FAC supports FSDP2 parameters sharded on dim 0 over a 1-D mesh, "
                                   f"got placements {placements} on a {mesh.ndim}-D mesh")
-    local = grad.to_local()
-    whole = torch.empty(grad.shape, dtype=local.dtype, device=local.device)
-    write(whole)
-    chunks = whole.chunk(mesh.size(), dim=0)
-    rank = mesh.get_local_rank()
-    mine = chunks[rank] if rank < len(chunks) else whole[:0]
+
+
+def shard_rows(rows: int, world: int, rank: int) -> slice:
+    """The rows of dim 0 that ``rank`` holds: FSDP2 shards as ``torch.chunk`` does (chunks of
+    ``ceil(rows / world)``; the last ranks' may be short or empty)."""
+    chunk = -(-rows // world)
+    return slice(min(rows, rank * chunk), min(rows, (rank + 1) * chunk))
+
+
+def rows_of_rank(whole: Tensor, sharded: DTensor) -> Tensor:
+    """The rows of ``whole`` (parameter-shaped) that this rank holds of ``sharded``."""
+    check_row_sharded(sharded)
+    mesh = sharded.device_mesh
+    mine = whole[shard_rows(whole.shape[0], mesh.size(), mesh.get_local_rank())]
+    local = sharded.to_local()
     if mine.shape != local.shape:
-        raise RuntimeError(f"K-FAC: the FSDP2 shard of rank {rank} has shape {tuple(local.shape)}, "
-                           f"expected {tuple(mine.shape)} (torch.chunk of {tuple(grad.shape)} on dim 0)")
-    local.copy_(mine)
+        raise RuntimeError(f"K-FAC: the FSDP2 shard of rank {mesh.get_local_rank()} has shape "
+                           f"{tuple(local.shape)}, expected {tuple(mine.shape)} (torch.chunk of "
+                           f"{tuple(whole.shape)} on dim 0)")
+    return mine
 
 
 Record = Callable[..., None]
