@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .layers.base import _local, _whole
+from .layers.base import _local, _whole, rows_of_rank
 from .preconditioner import KFACPreconditioner, Schedule, _all_finite, _value
 
 __all__ = ["KFAC"]
@@ -256,15 +256,17 @@ class KFAC(torch.optim.SGD):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if any(isinstance(p, DTensor) for p in self._params()):
-            raise NotImplementedError(
-                "KFAC.load_state_dict into FSDP2-sharded parameters is not supported yet; a checkpoint "
-                "of a sharded run (saved with KFAC.state_dict on every rank) loads into an unsharded "
-                "or DistributedDataParallel model"
-            )
+        """Loads a :meth:`state_dict` saved on any world size, sharded or not: into FSDP2-sharded
+        parameters, each rank keeps its rows of the (whole) momentum buffers."""
         state_dict = dict(state_dict)
         self.preconditioner.load_state_dict(state_dict.pop("kfac"))
         super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            buffer = state.get("momentum_buffer")
+            if isinstance(p, DTensor) and buffer is not None and not isinstance(buffer, DTensor):
+                rows = rows_of_rank(buffer, p).clone()
+                state["momentum_buffer"] = DTensor.from_local(rows, p.device_mesh, p.placements, run_check=False,
+                                                              shape=p.shape, stride=p.stride())
 
 
 def _rng_state(device: torch.device) -> tuple:

@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from kfac_ext import KFAC, KFACPreconditioner, Status
@@ -99,6 +100,10 @@ SCENARIOS = {
     # Saved by the sharded run after 3 steps (parameters and momentum gathered whole), resumed on
     # one process and on 2 ranks.
     "fsdp-ckpt": dict(kfac=kfac_args("a", "eigen", "type-2"), wrap="fsdp", steps=6, save_after=3),
+    # The 2-rank "fsdp-ckpt" checkpoint resumed by 3 sharded ranks, owners preconditioning (the
+    # default grad_worker_fraction under FSDP2).
+    "fsdp-resume": dict(kfac=kfac_args(None, "eigen", "type-2"), wrap="fsdp", steps=6, resume="fsdp-ckpt",
+                        reference=False),
     # MixedPrecisionPolicy(param_dtype=bf16): bf16 forward and backward, float32 factors.
     "fsdp-bf16": dict(kfac={**kfac_args("a", "eigen", "type-2"), "factor_dtype": torch.float32,
                             "inv_dtype": torch.float32}, wrap="fsdp", steps=4, bf16=True, reference=False),
@@ -107,7 +112,8 @@ RUNS = {
     2: ["a-eigen-type2", "b-cholesky-empirical", "nan-input", "nan-statistics", "fail-a", "fail-b",
         "ckpt-a", "ckpt-b", "mc", "fsdp-a-eigen-type2", "fsdp-b-cholesky-empirical", "fsdp-nan-input",
         "fsdp-mc", "fsdp-bf16", "fsdp-ckpt", "fsdp-inplace-type2"],
-    3: ["a-cholesky-empirical-manual", "b-eigen-type2", "subgroup", "fsdp-a-eigen-type2", "fsdp-inplace-type2"],
+    3: ["a-cholesky-empirical-manual", "b-eigen-type2", "subgroup", "fsdp-a-eigen-type2", "fsdp-inplace-type2",
+        "fsdp-resume"],
 }
 
 
@@ -160,7 +166,10 @@ def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None =
     first = 0
     if resume is not None:
         state = torch.load(resume, weights_only=False)
-        model.load_state_dict(state["model"])
+        if world > 1 and spec["wrap"] == "fsdp":  # whole tensors into the shards
+            set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
+        else:
+            model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         first = precond.steps
     failing = None
@@ -191,11 +200,10 @@ def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None =
                 params=[whole(p.detach()).clone() for p in model.parameters()],
                 grads=[whole(p.grad).clone() for p in model.parameters()],
                 factors={k: (a.clone(), g.clone()) for k, (a, g) in precond.factors().items()},
+                inverses=held_inverses(precond),
                 stats=dict(precond.stats),
             ))
             if checkpoint is not None and step + 1 == spec.get("save_after") and spec["wrap"] == "fsdp":
-                with pytest.raises(NotImplementedError, match="FSDP2-sharded parameters is not supported yet"):
-                    opt.load_state_dict(opt.state_dict())
                 with pytest.raises(ValueError, match="adaptive_damping=True. is not supported on FSDP2"):
                     KFAC(net, **spec["kfac"], adaptive_damping=True)
             if checkpoint is not None and step + 1 == spec.get("save_after"):
@@ -208,7 +216,15 @@ def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None =
     return records
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def held_inverses(precond: KFACPreconditioner) -> dict[tuple[str, str], torch.Tensor]:
+    """``{(layer, "A" | "G"): inverse}`` of the factors whose damped inverse this rank holds as a
+    matrix (the Cholesky and eigen-with-factored-damping forms; not eigenvectors, whose signs
+    are arbitrary, nor the layers another rank owns)."""
+    return {(name, side): form[0].clone() for name, sides in precond._inv.items()
+            for side, form in zip("AG", sides) if len(form) == 1}
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, checkpoints: str) -> None:
     torch.set_num_threads(1)
     if sys.platform == "linux":
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # 127.0.0.1 only
@@ -219,7 +235,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         for name in RUNS[world]:
             spec = SCENARIOS[name]
             ckpt = os.path.join(out_dir, f"{name}.ckpt") if "save_after" in spec else None
-            if "group" in spec:
+            if "resume" in spec:
+                out[name] = train(spec, rank, world, resume=os.path.join(checkpoints, f"{spec['resume']}.ckpt"))
+            elif "group" in spec:
                 group = dist.new_group(spec["group"])  # every rank takes part in creating it
                 if rank in spec["group"]:
                     out[name] = train(spec, spec["group"].index(rank), len(spec["group"]), group=group)
@@ -237,8 +255,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(world: int, out_dir) -> dict[str, list[list[dict]]]:
-    mp.start_processes(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world, start_method="spawn")
+def _spawn(world: int, out_dir, checkpoints) -> dict[str, list[list[dict]]]:
+    """``checkpoints``: the folder of the checkpoints to resume from (an earlier world's)."""
+    mp.start_processes(_worker, args=(world, _free_port(), str(out_dir), str(checkpoints)), nprocs=world,
+                       start_method="spawn")
     per_rank = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
     return {name: [out[name] for out in per_rank if name in out] for name in RUNS[world]}
 
@@ -248,9 +268,9 @@ def runs(tmp_path_factory):
     """``{world: {scenario: [records of rank 0, rank 1, ...]}}`` and the checkpoint folder."""
     out = {}
     dirs = {}
-    for world in RUNS:
+    for world in RUNS:  # world 2 first: world 3 resumes its checkpoints
         dirs[world] = tmp_path_factory.mktemp(f"world{world}")
-        out[world] = _spawn(world, dirs[world])
+        out[world] = _spawn(world, dirs[world], dirs[2])
     return out, dirs
 
 
@@ -274,6 +294,8 @@ def assert_close(got: dict, want: dict, where: str) -> None:
         for side, p, q in zip("AG", got["factors"][k], want["factors"][k]):
             assert rel(p, q) < TOL, f"{where}: factor {side} of layer {k}"
             assert torch.equal(p, p.mT), f"{where}: factor {side} of layer {k} not exactly symmetric"
+    for key, inverse in got["inverses"].items():  # every rank holds some, the reference all
+        assert rel(inverse, want["inverses"][key]) < TOL, f"{where}: inverse of {key}"
     assert got["stats"] == pytest.approx(want["stats"]), where
 
 
@@ -446,6 +468,18 @@ def test_checkpoint_from_two_ranks_resumes_on_one(runs, name):
             assert rel(p, q) < TOL, f"step {step}: parameter {i}"
         for i, (p, q) in enumerate(zip(got["grads"], want["grads"])):
             assert rel(p, q) < TOL, f"step {step}: gradient {i}"
+
+
+def test_sharded_checkpoint_resumes_on_another_sharded_world_size(runs):
+    """Saved by 2 sharded ranks after 3 steps, resumed by 3 sharded ranks (another
+    grad_worker_fraction): the remaining steps equal one process's and each other's."""
+    per_rank = runs[0][3]["fsdp-resume"]
+    assert_ranks_identical(per_rank, "fsdp-resume")
+    want = reference("fsdp-ckpt")[SCENARIOS["fsdp-ckpt"]["save_after"]:]
+    for r, records in enumerate(per_rank):
+        assert len(records) == len(want) == 3
+        for step, (got, ref) in enumerate(zip(records, want)):
+            assert_close(got, ref, f"fsdp-resume, rank {r}, step {step + 3}")
 
 
 # ---- no process group, or one rank: the single-process code path --------------------------
