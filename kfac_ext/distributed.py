@@ -456,10 +456,10 @@ class DistributedContext:
         matrices: list[Tensor | None] = [None] * len(blocks)
         for idx in _by_grad_dtype(blocks, ran):
             if self.shares_gradients:
-                here = [i for i in idx if self._grad_owner(blocks[i]) == self.rank]
-                order = [i for src in range(self.world_size) for i in idx if self._grad_owner(blocks[i]) == src]
+                here = [i for i in idx if self.grad_owner(blocks[i]) == self.rank]
+                order = [i for src in range(self.world_size) for i in idx if self.grad_owner(blocks[i]) == src]
                 send = _flat([g for i in order for g in blocks[i].grads()], self.world_size)
-                splits = [sum(_piece(g.shape, self.world_size) for i in idx if self._grad_owner(blocks[i]) == dst
+                splits = [sum(_piece(g.shape, self.world_size) for i in idx if self.grad_owner(blocks[i]) == dst
                               for g in blocks[i].grads()) for dst in range(self.world_size)]
                 width = sum(_piece(g.shape, self.world_size) for i in here for g in blocks[i].grads())
                 pieces = send.new_empty(self.world_size, width)
@@ -480,17 +480,17 @@ class DistributedContext:
         ``results`` (``{index into blocks: W̄-shaped}``, the owner's blocks) and every rank writes
         what it receives into its gradient shards (one all-to-all per dtype)."""
         for idx in _by_grad_dtype(blocks, range(len(blocks))):
-            mine = [i for i in idx if self._grad_owner(blocks[i]) == self.rank]
+            mine = [i for i in idx if self.grad_owner(blocks[i]) == self.rank]
             wholes = [w for i in mine for w in blocks[i].split(results[i])]
             send = _padded_rows(wholes, self.world_size, like=blocks[idx[0]].weight.grad.to_local())
-            sizes = [sum(_piece(g.shape, self.world_size) for i in idx if self._grad_owner(blocks[i]) == src
+            sizes = [sum(_piece(g.shape, self.world_size) for i in idx if self.grad_owner(blocks[i]) == src
                          for g in blocks[i].grads()) for src in range(self.world_size)]
             received = send.new_empty(sum(sizes))
             self._exchange(received, send.view(-1), sizes, [send.shape[1]] * self.world_size)
             offset = 0
             for src in range(self.world_size):
                 for i in idx:
-                    if self._grad_owner(blocks[i]) != src:
+                    if self.grad_owner(blocks[i]) != src:
                         continue
                     for g in blocks[i].grads():
                         local = g.to_local()
@@ -498,13 +498,15 @@ class DistributedContext:
                         offset += _piece(g.shape, self.world_size)
 
     def all_sum(self, value: Tensor) -> Tensor:
-        """``value`` (a 0-d tensor) summed over the ranks."""
-        value = value.reshape(1).clone()
-        self._count("flags", value)
-        dist.all_reduce(value, group=self.group)
-        return value[0]
+        """``value`` summed over the ranks (a new tensor)."""
+        total = value.reshape(-1).clone()
+        self._count("flags", total)
+        dist.all_reduce(total, group=self.group)
+        return total.view_as(value)
 
-    def _grad_owner(self, block: Block) -> int:
+    def grad_owner(self, block: Block) -> int:
+        """The rank that preconditions ``block`` when ``shares_gradients`` (and that accounts
+        for it in sums over the blocks under FSDP2)."""
         return self.owners[(block.name, "A")]
 
     def _exchange(self, received: Tensor, send: Tensor, received_sizes: list[int], send_sizes: list[int]) -> None:

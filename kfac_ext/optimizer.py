@@ -88,8 +88,6 @@ class KFAC(torch.optim.SGD):
                 raise ValueError(f"KFAC: parameter group option(s) {unsupported} are not supported")
         if adaptive_damping and callable(preconditioner_kwargs.get("damping")):
             raise ValueError("adaptive_damping adapts a number: pass damping as a float")
-        if adaptive_damping and any(isinstance(p, DTensor) for p in self._params()):
-            raise ValueError("KFAC(adaptive_damping=True) is not supported on FSDP2-sharded parameters yet")
         self.preconditioner = KFACPreconditioner(model, lr=self._kfac_lr, **preconditioner_kwargs)
         self._check_params_cover_blocks()
         self._block_params = {id(p) for b in self.preconditioner.blocks for p in b.params()}
@@ -121,7 +119,7 @@ class KFAC(torch.optim.SGD):
         before = [p.detach().clone() for p in self._params()] if adapt else None
         self._sgd_step(ok)
         if adapt and bool(ok):
-            self._adapt_damping(float(loss.detach()), before, closure, rng)
+            self._adapt_damping(self._mean_over_ranks(loss.detach()), before, closure, rng)
         return loss
 
     def _all_finite(self, grads: list[torch.Tensor]) -> torch.Tensor:
@@ -190,7 +188,7 @@ class KFAC(torch.optim.SGD):
     def _adapt_damping(self, loss_before: float, before: list[torch.Tensor], closure, rng) -> None:
         """γ ← γ·ω if ρ > 3/4, γ / ω if ρ < 1/4, with ω = (19/20)^interval (Martens & Grosse)."""
         precond = self.preconditioner
-        loss_after = self._loss_as_before(closure, rng)
+        loss_after = self._mean_over_ranks(self._loss_as_before(closure, rng))
         deltas = {id(p): p.detach() - b for p, b in zip(self._params(), before)}
         gamma = float(precond.damping)
         model_change = self._quadratic_model(deltas, precond.last_raw_gradients, gamma)
@@ -203,7 +201,15 @@ class KFAC(torch.optim.SGD):
         precond.damping = gamma
         precond.stats["reduction_ratio"] = rho
 
-    def _loss_as_before(self, closure, rng) -> float:
+    def _mean_over_ranks(self, loss: torch.Tensor) -> float:
+        """The loss averaged over the ranks (each saw its own batch): every rank then adapts the
+        damping alike."""
+        dist_ctx = self.preconditioner._dist
+        if dist_ctx is None:
+            return float(loss)
+        return float(dist_ctx.all_sum(loss.double())) / dist_ctx.world_size
+
+    def _loss_as_before(self, closure, rng) -> torch.Tensor:
         """L(θ + δ) computed as L(θ) was: same mode, same random numbers (dropout masks), no
         statistics captured, and buffers (BatchNorm running stats) and RNG left as they were."""
         precond = self.preconditioner
@@ -212,7 +218,7 @@ class KFAC(torch.optim.SGD):
         _set_rng_state(rng)
         try:
             with torch.enable_grad(), precond.pause():
-                return float(closure().detach())
+                return closure().detach()
         finally:
             _set_rng_state(after)
             for b, saved in zip(precond.model.buffers(), buffers):
@@ -221,29 +227,40 @@ class KFAC(torch.optim.SGD):
     def _quadratic_model(self, deltas: dict[int, torch.Tensor], raw_grads, gamma: float) -> float:
         """M(δ) − M(0) = ∇ᵀδ + ½ δᵀ(F + γI)δ, F ≈ blockdiag(G ⊗ A) on the K-FAC blocks and 0 on
         the parameters the base optimizer moves alone (their ∇ᵀδ and γ‖δ‖² still count: L(θ+δ)
-        sees their change too)."""
+        sees their change too). Under FSDP2 each block's terms come from the rank that
+        preconditioned it (it holds the raw gradient whole), the other parameters' from the local
+        shards, and the sum from an all-reduce."""
         precond = self.preconditioner
-        linear = quad = 0.0
+        dist_ctx = precond._dist
+        sharded = dist_ctx is not None and dist_ctx.sharded
+        terms = torch.zeros(2, dtype=torch.float64, device=precond.blocks[0].device)  # linear, quadratic
         factors = precond.factors()
         modelled = set()
         for block, grad in zip(precond.blocks, raw_grads):
-            if grad is None or block.name not in factors:
+            if block.weight.grad is None or block.name not in factors:
                 continue
             modelled.update(id(p) for p in block.params())
-            dw = block.matrix(deltas[id(block.weight)], deltas[id(block.bias)] if block.bias is not None else None)
+            bias = _whole(deltas[id(block.bias)]) if block.bias is not None else None
+            dw = block.matrix(_whole(deltas[id(block.weight)]), bias)  # under FSDP2 every rank gathers
+            if sharded and dist_ctx.grad_owner(block) != dist_ctx.rank:
+                continue
             a, g = factors[block.name]
             dw = dw.to(a.dtype)
             if block.a_diagonal:
                 curvature = (g @ dw) * a
             else:
                 curvature = precond.ops.kron_matmul([g], [dw], [a])[0]
-            quad += float((dw.double() * (curvature.double() + gamma * dw.double())).sum())
-            linear += float((grad.double() * dw.double()).sum())
+            terms[0] += (grad.double() * dw.double()).sum()
+            terms[1] += (dw.double() * (curvature.double() + gamma * dw.double())).sum()
         for p in self._params():
-            if id(p) not in modelled and p.grad is not None:
-                d = deltas[id(p)].double()
-                linear += float((p.grad.double() * d).sum())
-                quad += gamma * float((d * d).sum())
+            if id(p) in modelled or p.grad is None or (sharded and not isinstance(p, DTensor) and dist_ctx.rank):
+                continue  # (a replicated parameter counts once)
+            d = _local(deltas[id(p)]).double()
+            terms[0] += (_local(p.grad).double() * d).sum()
+            terms[1] += gamma * (d * d).sum()
+        if sharded:
+            terms = dist_ctx.all_sum(terms)
+        linear, quad = terms.tolist()
         return linear + 0.5 * quad
 
     def state_dict(self) -> dict[str, Any]:

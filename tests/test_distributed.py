@@ -104,6 +104,13 @@ SCENARIOS = {
     # default grad_worker_fraction under FSDP2).
     "fsdp-resume": dict(kfac=kfac_args(None, "eigen", "type-2"), wrap="fsdp", steps=6, resume="fsdp-ckpt",
                         reference=False),
+    # Adaptive damping every 2 steps: every rank averages the loss over the ranks, so all adapt
+    # the damping alike, as one process does on the whole batch (FSDP2: each block's quadratic
+    # model term from its owner, summed).
+    "adaptive": dict(kfac=kfac_args("a", "eigen", "type-2", adaptive_damping=True, adaptive_damping_interval=2),
+                     wrap="ddp", steps=5),
+    "fsdp-adaptive": dict(kfac=kfac_args(None, "cholesky", "type-2", adaptive_damping=True,
+                                         adaptive_damping_interval=2), wrap="fsdp", steps=5),
     # MixedPrecisionPolicy(param_dtype=bf16): bf16 forward and backward, float32 factors.
     "fsdp-bf16": dict(kfac={**kfac_args("a", "eigen", "type-2"), "factor_dtype": torch.float32,
                             "inv_dtype": torch.float32}, wrap="fsdp", steps=4, bf16=True, reference=False),
@@ -111,9 +118,9 @@ SCENARIOS = {
 RUNS = {
     2: ["a-eigen-type2", "b-cholesky-empirical", "nan-input", "nan-statistics", "fail-a", "fail-b",
         "ckpt-a", "ckpt-b", "mc", "fsdp-a-eigen-type2", "fsdp-b-cholesky-empirical", "fsdp-nan-input",
-        "fsdp-mc", "fsdp-bf16", "fsdp-ckpt", "fsdp-inplace-type2"],
+        "fsdp-mc", "fsdp-bf16", "fsdp-ckpt", "fsdp-inplace-type2", "adaptive", "fsdp-adaptive"],
     3: ["a-cholesky-empirical-manual", "b-eigen-type2", "subgroup", "fsdp-a-eigen-type2", "fsdp-inplace-type2",
-        "fsdp-resume"],
+        "fsdp-resume", "fsdp-adaptive"],
 }
 
 
@@ -184,8 +191,16 @@ def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None =
             if spec.get("nan_input") == step:
                 x[-1, 0] = float("nan")  # the last row: the last rank's
             x, y = x[rows], y[rows]
-            opt.zero_grad()
-            F.cross_entropy(net(x), y).backward()
+
+            def closure():
+                opt.zero_grad()
+                loss = F.cross_entropy(net(x), y)
+                loss.backward()
+                return loss
+
+            adaptive = spec["kfac"].get("adaptive_damping", False)
+            if not adaptive:  # else KFAC.step runs the closure
+                closure()
             if world > 1 and spec["wrap"] == "manual":
                 for p in model.parameters():
                     dist.all_reduce(p.grad, group=group)
@@ -195,17 +210,15 @@ def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None =
                 precond._pending_a[name][0] = torch.full_like(precond._pending_a[name][0], float("inf"))
             if failing is not None:
                 failing.armed = step == spec["fail"][0]
-            opt.step()
+            opt.step(closure if adaptive else None)
             records.append(dict(
                 params=[whole(p.detach()).clone() for p in model.parameters()],
                 grads=[whole(p.grad).clone() for p in model.parameters()],
                 factors={k: (a.clone(), g.clone()) for k, (a, g) in precond.factors().items()},
                 inverses=held_inverses(precond),
                 stats=dict(precond.stats),
+                damping=precond.damping,
             ))
-            if checkpoint is not None and step + 1 == spec.get("save_after") and spec["wrap"] == "fsdp":
-                with pytest.raises(ValueError, match="adaptive_damping=True. is not supported on FSDP2"):
-                    KFAC(net, **spec["kfac"], adaptive_damping=True)
             if checkpoint is not None and step + 1 == spec.get("save_after"):
                 # every rank takes part (FSDP2 gathers the shards); rank 0 writes
                 state = dict(model={k: whole(v) for k, v in model.state_dict().items()}, optimizer=opt.state_dict())
@@ -297,6 +310,7 @@ def assert_close(got: dict, want: dict, where: str) -> None:
     for key, inverse in got["inverses"].items():  # every rank holds some, the reference all
         assert rel(inverse, want["inverses"][key]) < TOL, f"{where}: inverse of {key}"
     assert got["stats"] == pytest.approx(want["stats"]), where
+    assert got["damping"] == pytest.approx(want["damping"], rel=TOL), where
 
 
 def assert_ranks_identical(per_rank: list[list[dict]], name: str) -> None:
