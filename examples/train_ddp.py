@@ -54,12 +54,12 @@ def make_model(device: torch.device) -> nn.Module:
 
 
 def train(model: nn.Module, optimizer: kfac_ext.KFAC, steps: int, batch: int, rank: int, world: int,
-          device: torch.device) -> None:
-    """``steps`` K-FAC steps; every rank draws the same global batch and takes its slice of it.
-    Rank 0 prints the loss averaged over the ranks every 20 steps."""
+          device: torch.device, start: int = 0) -> None:
+    """K-FAC steps ``start`` to ``steps - 1``; every rank draws the same global batch and takes
+    its slice of it. Rank 0 prints the loss averaged over the ranks every 20 steps."""
     images, labels = synthetic_data()
     per_rank = batch // world
-    for step in range(steps):
+    for step in range(start, steps):
         chosen = torch.randint(0, len(images), (batch,), generator=torch.Generator().manual_seed(step))
         mine = chosen[rank * per_rank:(rank + 1) * per_rank]
         x, y = images[mine].to(device), labels[mine].to(device)
