@@ -300,9 +300,21 @@ def _worker(rank: int, world: int, port: int, out_dir: str, checkpoints: str) ->
             else:
                 out[name] = train(spec, rank, world, checkpoint=ckpt)
             dist.barrier()
+        out["refusal"] = partly_sharded_refusal(world)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def partly_sharded_refusal(world: int) -> str:
+    """The error of KFAC on a model whose first layer alone is sharded."""
+    model = mlp()
+    fully_shard(model[0], mesh=init_device_mesh("cpu", (world,)))
+    try:
+        KFAC(model, loss="cross_entropy")
+    except ValueError as e:
+        return str(e)
+    return "accepted"
 
 
 def _free_port() -> int:
@@ -316,7 +328,7 @@ def _spawn(world: int, out_dir, checkpoints) -> dict[str, list[list[dict]]]:
     mp.start_processes(_worker, args=(world, _free_port(), str(out_dir), str(checkpoints)), nprocs=world,
                        start_method="spawn")
     per_rank = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
-    return {name: [out[name] for out in per_rank if name in out] for name in RUNS[world]}
+    return {name: [out[name] for out in per_rank if name in out] for name in RUNS[world] + ["refusal"]}
 
 
 @pytest.fixture(scope="module")
@@ -530,6 +542,12 @@ def test_checkpoint_from_two_ranks_resumes_on_one(runs, name):
             assert rel(p, q) < TOL, f"step {step}: parameter {i}"
         for i, (p, q) in enumerate(zip(got["grads"], want["grads"])):
             assert rel(p, q) < TOL, f"step {step}: gradient {i}"
+
+
+@pytest.mark.parametrize("world", RUNS)
+def test_partly_sharded_model_is_refused(runs, world):
+    for message in runs[0][world]["refusal"]:
+        assert "needs every preconditioned layer sharded; ['2', '4'] are not" in message
 
 
 def test_sharded_checkpoint_resumes_on_another_sharded_world_size(runs):
