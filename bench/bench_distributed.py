@@ -20,7 +20,8 @@ step), "inverses" (broadcast from the owners, inversion steps only, ``grad_worke
 "gradients" (every step: under DDP with ``grad_worker_fraction=0``, the preconditioned gradients
 the owners broadcast; under FSDP2, the bytes a rank sends in the gradient exchange, the
 all-gather of the shards with ``1``, the all-to-alls to and from the owners with ``0``), "flags"
-(finite flags, inversion status, the KL-clip sum). Every count is the mean over the ranks. A ring
+(finite flags, inversion status, the KL-clip sum). Every count is the mean over the ranks, as is
+"inverses held", the bytes of inverses a rank keeps (``memory_usage()``). A ring
 all-reduce moves about ``2(p-1)/p`` times its payload through each rank, a broadcast about once.
 "framework" is the data-parallel wrapper's own payload per step, from the parameter sizes: DDP
 all-reduces the gradients; FSDP2 all-gathers the parameters for the forward and again for the
@@ -115,10 +116,13 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
     first = precond.steps
     times = [step(net, opt) for _ in range(cfg["steps"])]
     comm = {}
+    held = torch.tensor([float(precond.memory_usage()["inverses"])], dtype=torch.float64)
     if ctx is not None:  # the mean over the ranks
         counted = torch.tensor(list(ctx.comm_bytes.values()), dtype=torch.float64)
         dist.all_reduce(counted)
         comm = {k: float(v) / (world * cfg["steps"]) for k, v in zip(ctx.comm_bytes, counted)}
+        dist.all_reduce(held)
+        held /= world
     inversion = [t for i, t in enumerate(times) if (first + i) % INV_UPDATE_STEPS == 0]
     other = [t for i, t in enumerate(times) if (first + i) % INV_UPDATE_STEPS != 0]
     if rank == 0:
@@ -128,6 +132,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
                       sgd_ms=sgd_ms, mean_ms=1e3 * statistics.mean(times),
                       inversion_ms=1e3 * statistics.median(inversion) if inversion else None,
                       other_ms=1e3 * statistics.median(other), framework_bytes=framework,
+                      inverses_held_bytes=float(held),
                       **{f"{k}_bytes": comm.get(k, 0.0) for k in ("factors", "inverses", "gradients", "flags")})
         Path(out).write_text(json.dumps(result))
     if world > 1:
@@ -156,8 +161,9 @@ def markdown(rows: list[dict], cfg: dict) -> str:
         f"{os.cpu_count()} CPU cores, 1 thread per rank",
         "",
         "| ranks | wrapper | mode | step mean (ms) | inversion step (ms) | other step (ms) | SGD step (ms) "
-        "| factors KiB/step | inverses KiB/step | gradients KiB/step | flags B/step | framework KiB/step |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| factors KiB/step | inverses KiB/step | gradients KiB/step | flags B/step | framework KiB/step "
+        "| inverses held KiB/rank |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mode = "single process" if r["world"] == 1 else next(k for k, v in MODES.items() if v == r["fraction"])
@@ -166,7 +172,7 @@ def markdown(rows: list[dict], cfg: dict) -> str:
         lines.append(
             f"| {r['world']} | {r['wrap']} | {mode} | {r['mean_ms']:.1f} | {inv} | {r['other_ms']:.1f} | {sgd} | "
             f"{_kib(r['factors_bytes'])} | {_kib(r['inverses_bytes'])} | {_kib(r['gradients_bytes'])} | "
-            f"{r['flags_bytes']:.0f} | {_kib(r['framework_bytes'])} |"
+            f"{r['flags_bytes']:.0f} | {_kib(r['framework_bytes'])} | {_kib(r['inverses_held_bytes'])} |"
         )
     return "\n".join(lines)
 

@@ -469,7 +469,7 @@ class DistributedContext:
                 send = _flat([g for i in idx for g in blocks[i].grads()], self.world_size)
                 pieces = send.new_empty(self.world_size, send.numel())
                 self._count_sent(send.numel() * (self.world_size - 1) * send.element_size())
-                dist.all_gather_into_tensor(pieces.view(-1), send, group=self.group)
+                _all_gather_single(pieces.view(-1), send, group=self.group)
             wholes = iter(_unflat(pieces, [g.shape for i in here for g in blocks[i].grads()], self.world_size))
             for i in here:
                 matrices[i] = blocks[i].matrix(next(wholes), next(wholes) if blocks[i].bias is not None else None)
@@ -555,6 +555,10 @@ def _check_sharding(layers: Sequence[Block], group: dist.ProcessGroup | None) ->
             raise NotImplementedError("K-FAC under FSDP2 needs the parameters sharded over the ranks of its "
                                       "process group (no HSDP / replicated meshes)")
     return True
+
+
+# torch 2.14 renamed all_gather_into_tensor (deprecated there, with a warning per call).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _piece(shape: torch.Size, world: int) -> int:

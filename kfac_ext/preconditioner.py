@@ -321,7 +321,7 @@ class KFACPreconditioner:
         return self.steps % max(1, int(_value(self.factor_update_steps, self.steps))) == 0
 
     def _model_pre_hook(self, module, inputs):
-        self._taps = []  # a forward that raised may have left some
+        self._taps, self._batch_shared = [], set()  # a forward that raised may have left some
         if not self._capturing():
             return
         if self.grad_scaler is not None and self._forwards >= self.grad_accumulation_steps:
@@ -337,6 +337,8 @@ class KFACPreconditioner:
         x = (layout(x) if layout is not None else x).detach()
         for block, _ in pairs:
             self._pending_a.setdefault(block.name, []).append(x)
+        if _leading_dim(output) == 1:  # maybe broadcast over the batch: see _warn_batch_shared
+            self._batch_shared.update(block.name for block, _ in pairs)
         if output.requires_grad:
             # A tensor hook registered now sees the gradient w.r.t. this value even if an
             # in-place activation modifies the output afterwards.
@@ -378,6 +380,7 @@ class KFACPreconditioner:
             self._terms = _leading_dim(self.output_fn(output))
             return
         logits = self.output_fn(output)
+        self._warn_batch_shared(_leading_dim(logits))
         mask = None
         if isinstance(self.loss, CrossEntropy) and self.loss_mask_fn is not None:
             mask = self.loss_mask_fn(self.model, args, kwargs, logits, self.loss)
@@ -403,6 +406,26 @@ class KFACPreconditioner:
                 torch.autograd.grad(logits, inputs, grad_outputs=v, retain_graph=True, allow_unused=True)
         finally:
             self._g_weight = None
+
+    def _warn_batch_shared(self, batch: int) -> None:
+        """Blocks whose output had one row while the model's has ``batch`` (GPT-2's position
+        embedding of ``position_ids`` ``[1, T]``) are broadcast over the batch: their output
+        gradient arrives summed over the examples, so G is built from batch sums. Unbiased under
+        "mc" (the examples' sampled terms are independent with mean 0); not under the others."""
+        shared, self._batch_shared = self._batch_shared, set()
+        if batch <= 1 or self.fisher_type == "mc":
+            return
+        for name in sorted(shared):
+            if f"batch-shared {name}" in self._warned:
+                continue
+            self._warned.add(f"batch-shared {name}")
+            warnings.warn(
+                f"KFACPreconditioner: block {name!r} produced one row for a batch of {batch} (an input "
+                "broadcast over the batch, e.g. position_ids of shape [1, T]): its output gradient "
+                f"arrives summed over the batch, so under fisher_type={self.fisher_type!r} its G is built "
+                "from batch sums (biased, and dependent on how the batch is split over ranks); pass "
+                "per-example inputs (position_ids of shape [B, T]) or use fisher_type='mc' (warned once "
+                "per block)", RuntimeWarning, stacklevel=2)
 
     def _flush(self) -> None:
         """Reduces the pending micro-batch to per-block sums: ``Σ ā āᵀ`` (and its row count)
@@ -883,6 +906,7 @@ class KFACPreconditioner:
         self._g_sum: dict[str, Tensor] = {}
         self._forwards = 0  # captured forwards (micro-batches) of this step
         self._taps: list[GradientEdge] = []  # this forward's block outputs, for the sampled backward
+        self._batch_shared: set[str] = set()  # this forward's blocks with a one-row output
 
 
 def _check_choice(name: str, value, choices) -> None:

@@ -10,6 +10,7 @@ optimizer.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -19,6 +20,10 @@ from torch import nn
 from kfac_ext import KFAC
 
 F64 = torch.float64
+# GPT-2's and BERT's position embeddings are broadcast over the batch: warned under type-2 and
+# empirical (test_gpt2_position_embedding_broadcast_over_the_batch_is_warned checks it).
+pytestmark = pytest.mark.filterwarnings("ignore:KFACPreconditioner.*one row for a batch:RuntimeWarning")
+
 FISHER = ["mc", "type-2", "empirical"]
 APPROX = ["expand", "reduce"]
 
@@ -244,3 +249,24 @@ def test_conv1d_network(fisher_type, approx):
     assert_trains(losses, precond)
     assert [b.name for b in precond.blocks] == ["0", "2", "4", "9"]
     assert dict(precond.unregistered) == {"5": "GroupNorm is not a layer kind K-FAC preconditions"}
+
+
+@pytest.mark.parametrize("fisher_type", FISHER)
+def test_gpt2_position_embedding_broadcast_over_the_batch_is_warned(fisher_type):
+    """GPT-2 builds position_ids of shape [1, T]: the position embedding's output gradient
+    arrives summed over the batch. Under type-2 / empirical that biases its G: warned once, naming
+    the block; not under mc (unbiased), nor with per-example position_ids."""
+    model, batch = gpt2()
+    opt = KFAC(model, lr=0.01, loss="cross_entropy", fisher_type=fisher_type)
+    positions = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
+    for extra in ({}, {}, dict(position_ids=positions)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.zero_grad()
+            model(**batch, **extra).loss.backward()
+            opt.step()
+        messages = [str(w.message) for w in caught if "one row for a batch" in str(w.message)]
+        first = not extra and opt.preconditioner.steps == 1
+        assert len(messages) == (1 if first and fisher_type != "mc" else 0), messages
+        if messages:
+            assert "'transformer.wpe'" in messages[0] and "batch of 4" in messages[0]
