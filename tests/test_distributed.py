@@ -37,13 +37,14 @@ TOL = 1e-6
 F64 = torch.float64
 
 
-def mlp(inplace: bool = False) -> nn.Module:
+def mlp(inplace: bool = False, classes: int = 3) -> nn.Module:
     """Factor sizes all differ (A: 5, 10, 7; G: 9, 6, 3), so a factor is known by its size.
     ``inplace``: the first activation is ``ReLU(inplace=True)``, which modifies the first
-    layer's output (as in torchvision's ResNets and VGGs)."""
+    layer's output (as in torchvision's ResNets and VGGs). ``classes``: outputs (G of the last
+    layer)."""
     torch.manual_seed(0)
     first = nn.ReLU(inplace=True) if inplace else nn.Tanh()
-    return nn.Sequential(nn.Linear(4, 9), first, nn.Linear(9, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    return nn.Sequential(nn.Linear(4, 9), first, nn.Linear(9, 6), nn.Tanh(), nn.Linear(6, classes)).double()
 
 
 def global_batch(step: int):
@@ -70,7 +71,7 @@ def tokens(step: int) -> torch.Tensor:
 
 
 def model_of(spec: dict) -> nn.Module:
-    return gpt2() if spec.get("model") == "gpt2" else mlp(spec.get("inplace", False))
+    return gpt2() if spec.get("model") == "gpt2" else mlp(spec.get("inplace", False), spec.get("classes", 3))
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
@@ -141,6 +142,9 @@ SCENARIOS = {
                      wrap="ddp", steps=5),
     "fsdp-adaptive": dict(kfac=kfac_args(None, "cholesky", "type-2", adaptive_damping=True,
                                          adaptive_damping_interval=2), wrap="fsdp", steps=5),
+    # 2 outputs on 3 ranks: the last layer's rows split 1/1/0, rank 2's shards are empty.
+    "fsdp-empty-shard": dict(kfac=kfac_args(None, "eigen", "type-2", kl_clip=1e-2), wrap="fsdp", steps=3,
+                             classes=2),
     # A real model: Hugging Face GPT-2, each block and the root sharded.
     "fsdp-gpt2": dict(kfac=kfac_args(None, "eigen", "type-2", kl_clip=1e-2), wrap="fsdp", steps=3, model="gpt2"),
     # MixedPrecisionPolicy(param_dtype=bf16): bf16 forward and backward, float32 factors.
@@ -152,7 +156,7 @@ RUNS = {
         "ckpt-a", "ckpt-b", "mc", "fsdp-a-eigen-type2", "fsdp-b-cholesky-empirical", "fsdp-nan-input",
         "fsdp-mc", "fsdp-bf16", "fsdp-ckpt", "fsdp-inplace-type2", "adaptive", "fsdp-adaptive", "fsdp-gpt2"],
     3: ["a-cholesky-empirical-manual", "b-eigen-type2", "subgroup", "fsdp-a-eigen-type2", "fsdp-inplace-type2",
-        "fsdp-resume", "fsdp-adaptive", "fsdp-gpt2"],
+        "fsdp-resume", "fsdp-adaptive", "fsdp-gpt2", "fsdp-empty-shard"],
 }
 
 
@@ -228,6 +232,7 @@ def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None =
                     return net(input_ids=ids, position_ids=positions, labels=ids).loss
             else:
                 x, y = global_batch(step)
+                y = y % spec.get("classes", 3)
                 if spec.get("nan_input") == step:
                     x[-1, 0] = float("nan")  # the last row: the last rank's
                 x, y = x[rows], y[rows]
