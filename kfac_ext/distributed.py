@@ -69,7 +69,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from .layers.base import check_row_sharded
+from .layers.base import check_row_sharded, chunk_rows
 
 if TYPE_CHECKING:
     from .layers import Block
@@ -133,6 +133,7 @@ def setup(
     grad_worker_fraction = check_grad_worker_fraction(grad_worker_fraction)
     if not (dist.is_available() and dist.is_initialized()):
         return None
+    _check_sharding(precond.blocks, process_group)  # FSDP2 on one rank too
     if dist.get_world_size(process_group) <= 1:
         return None
     return DistributedContext(precond, process_group, grad_worker_fraction, seed)
@@ -272,7 +273,7 @@ class DistributedContext:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         layers = precond.blocks
-        self.sharded = _check_sharding(layers, group)
+        self.sharded = any(isinstance(p, DTensor) for l in layers for p in l.params())  # checked by setup
         if grad_worker_fraction is None:  # FSDP2 users want memory: owners hold a layer's inverses
             grad_worker_fraction = 0.0 if self.sharded else 1.0
         self.grad_worker_fraction = grad_worker_fraction
@@ -292,7 +293,9 @@ class DistributedContext:
         self.comm_calls = dict(factors=0, inverses=0, gradients=0, flags=0)
 
     def __repr__(self) -> str:
-        mode = "owner preconditions + broadcasts gradients" if self.shares_gradients else "inverses broadcast"
+        mode = "inverses broadcast"
+        if self.shares_gradients:
+            mode = f"owner preconditions + {'scatters' if self.sharded else 'broadcasts'} gradients"
         return (f"DistributedContext(rank={self.rank}, world_size={self.world_size}, "
                 f"grad_worker_fraction={self.grad_worker_fraction}: {mode})")
 
@@ -450,52 +453,52 @@ class DistributedContext:
         all-to-all per dtype: each rank sends its rows to the owner), None elsewhere. None for a
         block that did not run."""
         ran = [i for i, b in enumerate(blocks) if b.weight.grad is not None]
-        for i in ran:
-            if blocks[i].bias is not None and blocks[i].bias.grad is None:
-                blocks[i].bias.grad = torch.zeros_like(blocks[i].bias)
         matrices: list[Tensor | None] = [None] * len(blocks)
+        world = self.world_size
         for idx in _by_grad_dtype(blocks, ran):
             if self.shares_gradients:
-                here = [i for i in idx if self.grad_owner(blocks[i]) == self.rank]
-                order = [i for src in range(self.world_size) for i in idx if self.grad_owner(blocks[i]) == src]
-                send = _flat([g for i in order for g in blocks[i].grads()], self.world_size)
-                splits = [sum(_piece(g.shape, self.world_size) for i in idx if self.grad_owner(blocks[i]) == dst
-                              for g in blocks[i].grads()) for dst in range(self.world_size)]
-                width = sum(_piece(g.shape, self.world_size) for i in here for g in blocks[i].grads())
-                pieces = send.new_empty(self.world_size, width)
-                self._exchange(pieces.view(-1), send, [width] * self.world_size, splits)
+                owned = self._by_owner(blocks, idx)
+                here = owned[self.rank]
+                send = _flat([g for ids in owned for i in ids for g in blocks[i].grads()], world)
+                splits = [_pieces_size(blocks, ids, world) for ids in owned]
+                pieces = send.new_empty(world, splits[self.rank])
+                self._exchange(pieces.view(-1), send, [splits[self.rank]] * world, splits)
             else:
                 here = idx
-                send = _flat([g for i in idx for g in blocks[i].grads()], self.world_size)
-                pieces = send.new_empty(self.world_size, send.numel())
-                self._count_sent(send.numel() * (self.world_size - 1) * send.element_size())
+                send = _flat([g for i in idx for g in blocks[i].grads()], world)
+                pieces = send.new_empty(world, send.numel())
+                self._count_sent(send.numel() * (world - 1) * send.element_size())
                 _all_gather_single(pieces.view(-1), send, group=self.group)
-            wholes = iter(_unflat(pieces, [g.shape for i in here for g in blocks[i].grads()], self.world_size))
+            wholes = iter(_unflat(pieces, [g.shape for i in here for g in blocks[i].grads()], world))
             for i in here:
                 matrices[i] = blocks[i].matrix(next(wholes), next(wholes) if blocks[i].bias is not None else None)
         return matrices
 
-    def scatter_gradients(self, blocks: list[Block], results: dict[int, Tensor]) -> None:
-        """``shares_gradients`` under FSDP2: each owner sends every rank its rows of the
-        ``results`` (``{index into blocks: W̄-shaped}``, the owner's blocks) and every rank writes
-        what it receives into its gradient shards (one all-to-all per dtype)."""
-        for idx in _by_grad_dtype(blocks, range(len(blocks))):
-            mine = [i for i in idx if self.grad_owner(blocks[i]) == self.rank]
-            wholes = [w for i in mine for w in blocks[i].split(results[i])]
-            send = _padded_rows(wholes, self.world_size, like=blocks[idx[0]].weight.grad.to_local())
-            sizes = [sum(_piece(g.shape, self.world_size) for i in idx if self.grad_owner(blocks[i]) == src
-                         for g in blocks[i].grads()) for src in range(self.world_size)]
+    def scatter_gradients(self, blocks: list[Block], indices: list[int], results: dict[int, Tensor]) -> None:
+        """``shares_gradients`` under FSDP2: for the ``blocks[i]``, ``i`` in ``indices``, each
+        owner sends every rank its rows of ``results[i]`` (W̄-shaped; the owner's blocks only) and
+        every rank writes what it receives into its gradient shards (one all-to-all per dtype)."""
+        world = self.world_size
+        for idx in _by_grad_dtype(blocks, indices):
+            owned = self._by_owner(blocks, idx)
+            wholes = [w for i in owned[self.rank] for w in blocks[i].split(results[i])]
+            send = _padded_rows(wholes, world, like=blocks[idx[0]].weight.grad.to_local())
+            sizes = [_pieces_size(blocks, ids, world) for ids in owned]
             received = send.new_empty(sum(sizes))
-            self._exchange(received, send.view(-1), sizes, [send.shape[1]] * self.world_size)
+            self._exchange(received, send.view(-1), sizes, [send.shape[1]] * world)
             offset = 0
-            for src in range(self.world_size):
-                for i in idx:
-                    if self.grad_owner(blocks[i]) != src:
-                        continue
-                    for g in blocks[i].grads():
-                        local = g.to_local()
-                        local.view(-1).copy_(received[offset:offset + local.numel()])
-                        offset += _piece(g.shape, self.world_size)
+            for i in (i for ids in owned for i in ids):
+                for g in blocks[i].grads():
+                    local = g.to_local()
+                    local.copy_(received[offset:offset + local.numel()].view(local.shape))
+                    offset += _piece(g.shape, world)
+
+    def _by_owner(self, blocks: list[Block], idx: list[int]) -> list[list[int]]:
+        """``idx`` split by the rank that preconditions each block (in ``idx``'s order)."""
+        owned: list[list[int]] = [[] for _ in range(self.world_size)]
+        for i in idx:
+            owned[self.grad_owner(blocks[i])].append(i)
+        return owned
 
     def all_sum(self, value: Tensor) -> Tensor:
         """``value`` summed over the ranks (a new tensor)."""
@@ -537,24 +540,32 @@ class DistributedContext:
 # ---- FSDP2 row shards ----------------------------------------------------------------------
 
 
-def _check_sharding(layers: Sequence[Block], group: dist.ProcessGroup | None) -> bool:
-    """Whether the blocks' parameters are FSDP2 shards; they must be all or none, row-sharded
-    over a mesh of exactly the ranks of ``group``."""
+def _check_sharding(layers: Sequence[Block], group: dist.ProcessGroup | None) -> None:
+    """FSDP2 parameters (DTensors) must be all or none of the blocks', row-sharded over a mesh
+    of exactly the ranks of ``group``, and no parameter may belong to two blocks (each block's
+    rows are exchanged as whole parameters)."""
     params = [p for l in layers for p in l.params()]
-    sharded = [isinstance(p, DTensor) for p in params]
-    if not any(sharded):
-        return False
-    if not all(sharded):
-        plain = sorted({l.name for l in layers for p in l.params() if not isinstance(p, DTensor)})
+    if not any(isinstance(p, DTensor) for p in params):
+        return
+    plain = sorted({l.name for l in layers for p in l.params() if not isinstance(p, DTensor)})
+    if plain:
         raise ValueError(f"K-FAC under FSDP2 needs every preconditioned layer sharded; {plain} are not "
                          "(fully_shard the root module too)")
+    owner: dict[int, str] = {}
+    for l in layers:
+        for p in l.params():
+            if id(p) in owner:
+                raise NotImplementedError(
+                    f"K-FAC under FSDP2 does not support blocks sharing a parameter ({owner[id(p)]!r} and "
+                    f"{l.name!r}, e.g. nn.MultiheadAttention's q/k/v slices of in_proj_weight); pass their "
+                    "module in skip_layers")
+            owner[id(p)] = l.name
     ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
     for p in params:
         check_row_sharded(p)
         if dist.get_process_group_ranks(p.device_mesh.get_group()) != ranks:
             raise NotImplementedError("K-FAC under FSDP2 needs the parameters sharded over the ranks of its "
                                       "process group (no HSDP / replicated meshes)")
-    return True
 
 
 # torch 2.14 renamed all_gather_into_tensor (deprecated there, with a warning per call).
@@ -565,7 +576,11 @@ def _piece(shape: torch.Size, world: int) -> int:
     """Elements of one rank's piece of a tensor of ``shape`` row-sharded over ``world`` ranks, in
     a flat buffer: ``ceil(rows / world)`` rows, so that every rank's piece has one size (the
     short ones padded)."""
-    return -(-shape[0] // world) * math.prod(shape[1:])
+    return chunk_rows(shape[0], world) * math.prod(shape[1:])
+
+
+def _pieces_size(blocks: Sequence[Block], idx: list[int], world: int) -> int:
+    return sum(_piece(g.shape, world) for i in idx for g in blocks[i].grads())
 
 
 def _by_grad_dtype(blocks: Sequence[Block], indices) -> list[list[int]]:
@@ -604,7 +619,7 @@ def _padded_rows(wholes: list[Tensor], world: int, like: Tensor) -> Tensor:
     offset = 0
     for w in wholes:
         size = _piece(w.shape, world)
-        padded = w.new_zeros(world * -(-w.shape[0] // world), *w.shape[1:])
+        padded = w.new_zeros(world * chunk_rows(w.shape[0], world), *w.shape[1:])
         padded[:w.shape[0]] = w
         out[:, offset:offset + size].copy_(padded.view(world, size))
         offset += size

@@ -207,7 +207,7 @@ class KFAC(torch.optim.SGD):
         dist_ctx = self.preconditioner._dist
         if dist_ctx is None:
             return float(loss)
-        return float(dist_ctx.all_sum(loss.double())) / dist_ctx.world_size
+        return float(dist_ctx.all_sum(loss.double().to(dist_ctx.device))) / dist_ctx.world_size
 
     def _loss_as_before(self, closure, rng) -> torch.Tensor:
         """L(θ + δ) computed as L(θ) was: same mode, same random numbers (dropout masks), no

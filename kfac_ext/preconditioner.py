@@ -252,7 +252,9 @@ class KFACPreconditioner:
         self.generator = torch.Generator(device=self.blocks[0].device).manual_seed(seed + rank)
 
         self.steps = 0
-        self.last_raw_gradients: list[Tensor | None] = []  # ∇W̄ per block before the last step() rewrote it
+        # ∇W̄ per block before the last step() rewrote it (under FSDP2 with owners, None for the
+        # blocks another rank preconditions)
+        self.last_raw_gradients: list[Tensor | None] = []
         self.stats = dict(
             factor_updates=0, inverse_updates=0, skipped_factor_updates=0, nonfinite_grad_steps=0,
             failed_inversions=0, fp64_retries=0, kl_clip_scale=1.0, discarded_micro_batches=0,
@@ -321,7 +323,7 @@ class KFACPreconditioner:
         return self.steps % max(1, int(_value(self.factor_update_steps, self.steps))) == 0
 
     def _model_pre_hook(self, module, inputs):
-        self._taps, self._batch_shared = [], set()  # a forward that raised may have left some
+        self._taps, self._batch_rows = [], []  # a forward that raised may have left some
         if not self._capturing():
             return
         if self.grad_scaler is not None and self._forwards >= self.grad_accumulation_steps:
@@ -337,8 +339,8 @@ class KFACPreconditioner:
         x = (layout(x) if layout is not None else x).detach()
         for block, _ in pairs:
             self._pending_a.setdefault(block.name, []).append(x)
-        if _leading_dim(output) == 1:  # maybe broadcast over the batch: see _warn_batch_shared
-            self._batch_shared.update(block.name for block, _ in pairs)
+        rows = _leading_dim(layout(output) if layout is not None else output)  # examples, or 1 if broadcast
+        self._batch_rows.append((rows, [block.name for block, _ in pairs]))
         if output.requires_grad:
             # A tensor hook registered now sees the gradient w.r.t. this value even if an
             # in-place activation modifies the output afterwards.
@@ -380,7 +382,7 @@ class KFACPreconditioner:
             self._terms = _leading_dim(self.output_fn(output))
             return
         logits = self.output_fn(output)
-        self._warn_batch_shared(_leading_dim(logits))
+        self._warn_batch_shared()
         mask = None
         if isinstance(self.loss, CrossEntropy) and self.loss_mask_fn is not None:
             mask = self.loss_mask_fn(self.model, args, kwargs, logits, self.loss)
@@ -407,25 +409,27 @@ class KFACPreconditioner:
         finally:
             self._g_weight = None
 
-    def _warn_batch_shared(self, batch: int) -> None:
-        """Blocks whose output had one row while the model's has ``batch`` (GPT-2's position
-        embedding of ``position_ids`` ``[1, T]``) are broadcast over the batch: their output
-        gradient arrives summed over the examples, so G is built from batch sums. Unbiased under
-        "mc" (the examples' sampled terms are independent with mean 0); not under the others."""
-        shared, self._batch_shared = self._batch_shared, set()
+    def _warn_batch_shared(self) -> None:
+        """Blocks whose output had one row in a forward where other blocks' had ``N > 1`` (GPT-2's
+        position embedding of ``position_ids`` ``[1, T]``) are broadcast over the batch: their
+        output gradient arrives summed over the examples, so G is built from batch sums.
+        Unbiased under "mc" (the examples' sampled terms are independent with mean 0); not under
+        the others."""
+        seen, self._batch_rows = self._batch_rows, []
+        batch = max((rows for rows, _ in seen), default=1)
         if batch <= 1 or self.fisher_type == "mc":
             return
-        for name in sorted(shared):
+        for name in sorted({name for rows, names in seen if rows == 1 for name in names}):
             if f"batch-shared {name}" in self._warned:
                 continue
             self._warned.add(f"batch-shared {name}")
             warnings.warn(
-                f"KFACPreconditioner: block {name!r} produced one row for a batch of {batch} (an input "
-                "broadcast over the batch, e.g. position_ids of shape [1, T]): its output gradient "
-                f"arrives summed over the batch, so under fisher_type={self.fisher_type!r} its G is built "
-                "from batch sums (biased, and dependent on how the batch is split over ranks); pass "
-                "per-example inputs (position_ids of shape [B, T]) or use fisher_type='mc' (warned once "
-                "per block)", RuntimeWarning, stacklevel=2)
+                f"KFACPreconditioner: block {name!r} produced one row where other blocks produced {batch} "
+                "(an input broadcast over the batch, e.g. position_ids of shape [1, T]): its output "
+                f"gradient arrives summed over the batch, so under fisher_type={self.fisher_type!r} its G "
+                "is built from batch sums (biased, and dependent on how the batch is split over ranks); "
+                "pass per-example inputs (position_ids of shape [B, T]) or use fisher_type='mc' (warned "
+                "once per block)", RuntimeWarning, stacklevel=2)
 
     def _flush(self) -> None:
         """Reduces the pending micro-batch to per-block sums: ``Σ ā āᵀ`` (and its row count)
@@ -510,6 +514,8 @@ class KFACPreconditioner:
         ran = [b for b in self.blocks if b.weight.grad is not None]
         if not ran:
             raise RuntimeError("KFACPreconditioner.step(): no block has a gradient; call loss.backward() before step()")
+        for block in ran:
+            block.ensure_bias_grad()
         finite = _all_finite([_local(g) for b in ran for g in b.grads()])
         if self._sharded():  # whole on the ranks that precondition them, None elsewhere
             grads = self._dist.gather_gradients(self.blocks)
@@ -726,15 +732,14 @@ class KFACPreconditioner:
         block another rank preconditions)."""
         ran = [b.weight.grad is not None for b in self.blocks]
         ready = [i for i, b in enumerate(self.blocks) if ran[i] and b.name in self._inv]
-        if ready:
+        if ready and self._sharded() and self._dist.shares_gradients:  # owners precondition, then scatter
+            here = [i for i in ready if grads[i] is not None]
+            results = self._directions([self.blocks[i] for i in here], [grads[i] for i in here], finite)
+            self._dist.scatter_gradients(self.blocks, ready, dict(zip(here, results)))
+        elif ready:
             blocks = [self.blocks[i] for i in ready]
-            if self._sharded() and self._dist.shares_gradients:  # owners precondition, then scatter
-                here = [k for k, i in enumerate(ready) if grads[i] is not None]
-                results = self._directions([blocks[k] for k in here], [grads[ready[k]] for k in here], finite)
-                self._dist.scatter_gradients(blocks, dict(zip(here, results)))
-            else:
-                for block, direction in zip(blocks, self._directions(blocks, [grads[i] for i in ready], finite)):
-                    block.set_grad(direction)
+            for block, direction in zip(blocks, self._directions(blocks, [grads[i] for i in ready], finite)):
+                block.set_grad(direction)
         if not self._scaled():
             ready_set = set(ready)
             for i, block in enumerate(self.blocks):
@@ -906,7 +911,7 @@ class KFACPreconditioner:
         self._g_sum: dict[str, Tensor] = {}
         self._forwards = 0  # captured forwards (micro-batches) of this step
         self._taps: list[GradientEdge] = []  # this forward's block outputs, for the sampled backward
-        self._batch_shared: set[str] = set()  # this forward's blocks with a one-row output
+        self._batch_rows: list[tuple[int, list[str]]] = []  # this forward's output rows, by blocks
 
 
 def _check_choice(name: str, value, choices) -> None:

@@ -54,8 +54,8 @@ def global_batch(step: int):
 
 def gpt2() -> nn.Module:
     """Hugging Face GPT-2 from a tiny config, float64, no dropout: Conv1D layers (weights stored
-    ``[in, out]``, so FSDP2 shards W̄'s columns), q/k/v blocks of one weight, a position
-    embedding (diagonal A, rows sharded), a tied ``lm_head``, ``[B, T, V]`` logits."""
+    ``[in, out]``, so FSDP2 shards W̄'s columns), a position embedding (diagonal A, rows
+    sharded), a tied ``lm_head``, ``[B, T, V]`` logits."""
     import transformers
 
     torch.manual_seed(0)
@@ -197,7 +197,8 @@ def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None =
     net = model
     if world > 1 and spec["wrap"] == "ddp":
         net = nn.parallel.DistributedDataParallel(model)
-    if world > 1 and spec["wrap"] == "fsdp":
+    sharded = spec["wrap"] == "fsdp" and dist.is_initialized()  # FSDP2 on one rank too
+    if sharded:
         mesh = init_device_mesh("cpu", (world,))
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if spec.get("bf16") else MixedPrecisionPolicy()
         for unit in fsdp_units(model):
@@ -208,7 +209,7 @@ def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None =
     first = 0
     if resume is not None:
         state = torch.load(resume, weights_only=False)
-        if world > 1 and spec["wrap"] == "fsdp":  # whole tensors into the shards
+        if sharded:  # whole tensors into the shards
             set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
         else:
             model.load_state_dict(state["model"])
@@ -305,21 +306,38 @@ def _worker(rank: int, world: int, port: int, out_dir: str, checkpoints: str) ->
             else:
                 out[name] = train(spec, rank, world, checkpoint=ckpt)
             dist.barrier()
-        out["refusal"] = partly_sharded_refusal(world)
+        out["refusal"] = refusals(world)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def partly_sharded_refusal(world: int) -> str:
-    """The error of KFAC on a model whose first layer alone is sharded."""
-    model = mlp()
-    fully_shard(model[0], mesh=init_device_mesh("cpu", (world,)))
-    try:
-        KFAC(model, loss="cross_entropy")
-    except ValueError as e:
-        return str(e)
-    return "accepted"
+class SelfAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+def refusals(world: int) -> list[str]:
+    """The errors of KFAC on a model whose first layer alone is sharded, and on a sharded
+    ``nn.MultiheadAttention`` (q/k/v blocks share ``in_proj_weight``)."""
+    messages = []
+    mesh = init_device_mesh("cpu", (world,))
+    partly = mlp()
+    fully_shard(partly[0], mesh=mesh)
+    attention = SelfAttention().double()
+    fully_shard(attention, mesh=mesh)
+    for model in (partly, attention):
+        try:
+            KFAC(model, loss="cross_entropy")
+            messages.append("accepted")
+        except (ValueError, NotImplementedError) as e:
+            messages.append(str(e))
+    return messages
 
 
 def _free_port() -> int:
@@ -550,9 +568,10 @@ def test_checkpoint_from_two_ranks_resumes_on_one(runs, name):
 
 
 @pytest.mark.parametrize("world", RUNS)
-def test_partly_sharded_model_is_refused(runs, world):
-    for message in runs[0][world]["refusal"]:
-        assert "needs every preconditioned layer sharded; ['2', '4'] are not" in message
+def test_unsupported_sharding_is_refused(runs, world):
+    for partly, attention in runs[0][world]["refusal"]:
+        assert "needs every preconditioned layer sharded; ['2', '4'] are not" in partly
+        assert "does not support blocks sharing a parameter ('attn.q' and 'attn.k'" in attention
 
 
 def test_sharded_checkpoint_resumes_on_another_sharded_world_size(runs):
@@ -570,8 +589,11 @@ def test_sharded_checkpoint_resumes_on_another_sharded_world_size(runs):
 # ---- no process group, or one rank: the single-process code path --------------------------
 
 
-def test_world_size_one_process_group_is_the_single_process_path(tmp_path):
-    spec = SCENARIOS["a-eigen-type2"]
+@pytest.mark.parametrize("name", ["a-eigen-type2", "fsdp-inplace-type2"])
+def test_world_size_one_process_group_is_the_single_process_path(tmp_path, name):
+    """A process group of one rank: no distributed context; under FSDP2 (one-rank mesh, DTensor
+    parameters) the same results as the unsharded model."""
+    spec = SCENARIOS[name]
     want = train(spec)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
@@ -580,9 +602,11 @@ def test_world_size_one_process_group_is_the_single_process_path(tmp_path):
         got = train(spec)
     finally:
         dist.destroy_process_group()
-    for g, w in zip(got, want):
-        for p, q in zip(g["params"], w["params"]):
-            assert torch.equal(p, q)
+    for step, (g, w) in enumerate(zip(got, want)):
+        if spec["wrap"] == "fsdp":
+            assert_close(g, w, f"{name}, step {step}")
+        else:
+            assert all(torch.equal(p, q) for p, q in zip(g["params"], w["params"]))
 
 
 def test_bad_grad_worker_fraction_is_refused():

@@ -806,3 +806,50 @@ def test_digits_kfac_beats_sgd():
                                      damping=3e-3, inv_update_steps=5, kl_clip=None))
     assert math.isfinite(kfac)
     assert kfac < 0.25 * sgd, (kfac, sgd)
+
+
+# ---- a bias the forward does not use ------------------------------------------------------
+
+
+class WeightOnly(nn.Linear):
+    """A Linear whose forward ignores its (trainable) bias: autograd leaves ``bias.grad`` None."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
+
+
+class LateBranch(nn.Module):
+    """``late`` runs only when asked: not in the factor-update steps below, so it has no
+    inverses when it first runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.early, self.late = nn.Linear(4, 3), WeightOnly(4, 3)
+
+    def forward(self, x, use_late: bool):
+        return self.early(x) + self.late(x) if use_late else self.early(x)
+
+
+@pytest.mark.parametrize("late_has_inverses", [False, True])
+def test_an_unused_bias_gets_a_gradient(late_has_inverses):
+    """A block's bias without gradient still gets one: the bias column of the preconditioned
+    direction when the block has inverses, else zeros, so that weight decay and momentum treat
+    it as SGD treats a parameter with a zero gradient."""
+    torch.manual_seed(0)
+    model = LateBranch().double()
+    opt = KFAC(model, lr=0.1, momentum=0.0, weight_decay=0.5, loss="cross_entropy", factor_update_steps=2,
+               factor_dtype=F64, inv_dtype=F64)
+    x, y = torch.randn(8, 4, dtype=F64), torch.randint(0, 3, (8,))
+    for use_late in (late_has_inverses, True):  # step 0 updates factors, step 1 does not
+        opt.zero_grad()
+        F.cross_entropy(model(x, use_late), y).backward()
+        assert model.late.bias.grad is None
+        bias = model.late.bias.detach().clone()
+        opt.step()
+    assert ("late" in opt.preconditioner.factors()) == late_has_inverses
+    grad = model.late.bias.grad
+    if late_has_inverses:
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    else:
+        assert torch.equal(grad, torch.zeros_like(bias))
+        assert torch.allclose(model.late.bias, bias * (1 - 0.1 * 0.5), rtol=0, atol=1e-15)

@@ -106,10 +106,18 @@ class Block:
         return torch.cat([w, b.unsqueeze(1)], 1)
 
     def grad_matrix(self) -> Tensor | None:
-        """``∇W̄``; None when the weight has no gradient (the block did not run)."""
+        """``∇W̄``; None when the weight has no gradient (the block did not run). FSDP2 gradients
+        (DTensors; one rank, or every rank preconditioning every block) are gathered whole."""
         if self.weight.grad is None:
             return None
-        return self.matrix(self.weight.grad, self.bias.grad if self.bias is not None else None)
+        bias_grad = _whole(self.bias.grad) if self.bias is not None and self.bias.grad is not None else None
+        return self.matrix(_whole(self.weight.grad), bias_grad)
+
+    def ensure_bias_grad(self) -> None:
+        """A bias the forward did not use gets a zero gradient, so that it is written (and
+        stepped: weight decay, momentum) like the weight."""
+        if self.bias is not None and self.bias.grad is None:
+            self.bias.grad = torch.zeros_like(self.bias)
 
     def split(self, matrix: Tensor) -> list[Tensor]:
         """``[∇W | ∇b]`` as whole parameter-shaped tensors (the weight's, then the bias's), in the
@@ -126,8 +134,7 @@ class Block:
     def set_grad(self, matrix: Tensor) -> None:
         """Writes ``[∇W | ∇b]`` back into ``.grad`` (in the parameters' dtype and layout; into
         this rank's rows of an FSDP2-sharded gradient)."""
-        if self.bias is not None and self.bias.grad is None:
-            self.bias.grad = torch.zeros_like(self.bias)
+        self.ensure_bias_grad()
         if isinstance(self.weight.grad, DTensor):
             for grad, whole in zip(self.grads(), self.split(matrix)):
                 grad.to_local().copy_(rows_of_rank(whole, grad))
@@ -167,10 +174,15 @@ def check_row_sharded(t: DTensor) -> None:
                                   f"got placements {placements} on a {mesh.ndim}-D mesh")
 
 
+def chunk_rows(rows: int, world: int) -> int:
+    """Rows of dim 0 per rank: FSDP2 shards as ``torch.chunk`` does, in chunks of
+    ``ceil(rows / world)`` (the last ranks' may be short or empty)."""
+    return -(-rows // world)
+
+
 def shard_rows(rows: int, world: int, rank: int) -> slice:
-    """The rows of dim 0 that ``rank`` holds: FSDP2 shards as ``torch.chunk`` does (chunks of
-    ``ceil(rows / world)``; the last ranks' may be short or empty)."""
-    chunk = -(-rows // world)
+    """The rows of dim 0 that ``rank`` holds."""
+    chunk = chunk_rows(rows, world)
     return slice(min(rows, rank * chunk), min(rows, (rank + 1) * chunk))
 
 
