@@ -448,47 +448,54 @@ class DistributedContext:
     # ---- FSDP2: row-sharded gradients -----------------------------------------------------
 
     def gather_gradients(self, blocks: list[Block]) -> list[Tensor | None]:
-        """``∇W̄`` of every block, whole, from the FSDP2 shards: on every rank (one all-gather per
-        dtype) when every rank preconditions every block, else on the block's owner only (one
-        all-to-all per dtype: each rank sends its rows to the owner), None elsewhere. None for a
-        block that did not run."""
-        ran = [i for i, b in enumerate(blocks) if b.weight.grad is not None]
-        matrices: list[Tensor | None] = [None] * len(blocks)
+        """``∇W̄`` of every block, whole, from the FSDP2 gradient shards (:meth:`gather_whole`);
+        None for a block that did not run, and for one another rank preconditions."""
+        wholes = self.gather_whole(blocks, {i: b.grads() for i, b in enumerate(blocks) if b.weight.grad is not None})
+        return [b.matrix(w[0], w[1] if b.bias is not None else None) if w is not None else None
+                for b, w in zip(blocks, wholes)]
+
+    def gather_whole(self, blocks: list[Block], parts: dict[int, list[DTensor]]) -> list[list[Tensor] | None]:
+        """For each ``i`` in ``parts``, the whole tensors of the row-sharded ``parts[i]`` (block
+        ``i``'s parameter-shaped tensors): on every rank (one all-gather per dtype) when every
+        rank preconditions every block, else on the block's owner only (one all-to-all per
+        dtype: each rank sends its rows to the owner), None elsewhere."""
+        wholes: list[list[Tensor] | None] = [None] * len(blocks)
         world = self.world_size
-        for idx in _by_grad_dtype(blocks, ran):
+        for idx in _by_dtype(parts):
             if self.shares_gradients:
                 owned = self._by_owner(blocks, idx)
                 here = owned[self.rank]
-                send = _flat([g for ids in owned for i in ids for g in blocks[i].grads()], world)
-                splits = [_pieces_size(blocks, ids, world) for ids in owned]
+                send = _flat([t for ids in owned for i in ids for t in parts[i]], world)
+                splits = [_pieces_size(parts, ids, world) for ids in owned]
                 pieces = send.new_empty(world, splits[self.rank])
                 self._exchange(pieces.view(-1), send, [splits[self.rank]] * world, splits)
             else:
                 here = idx
-                send = _flat([g for i in idx for g in blocks[i].grads()], world)
+                send = _flat([t for i in idx for t in parts[i]], world)
                 pieces = send.new_empty(world, send.numel())
                 self._count_sent(send.numel() * (world - 1) * send.element_size())
                 _all_gather_single(pieces.view(-1), send, group=self.group)
-            wholes = iter(_unflat(pieces, [g.shape for i in here for g in blocks[i].grads()], world))
+            unpacked = iter(_unflat(pieces, [t.shape for i in here for t in parts[i]], world))
             for i in here:
-                matrices[i] = blocks[i].matrix(next(wholes), next(wholes) if blocks[i].bias is not None else None)
-        return matrices
+                wholes[i] = [next(unpacked) for _ in parts[i]]
+        return wholes
 
     def scatter_gradients(self, blocks: list[Block], indices: list[int], results: dict[int, Tensor]) -> None:
         """``shares_gradients`` under FSDP2: for the ``blocks[i]``, ``i`` in ``indices``, each
         owner sends every rank its rows of ``results[i]`` (W̄-shaped; the owner's blocks only) and
         every rank writes what it receives into its gradient shards (one all-to-all per dtype)."""
         world = self.world_size
-        for idx in _by_grad_dtype(blocks, indices):
+        grads = {i: blocks[i].grads() for i in indices}
+        for idx in _by_dtype(grads):
             owned = self._by_owner(blocks, idx)
             wholes = [w for i in owned[self.rank] for w in blocks[i].split(results[i])]
-            send = _padded_rows(wholes, world, like=blocks[idx[0]].weight.grad.to_local())
-            sizes = [_pieces_size(blocks, ids, world) for ids in owned]
+            send = _padded_rows(wholes, world, like=grads[idx[0]][0].to_local())
+            sizes = [_pieces_size(grads, ids, world) for ids in owned]
             received = send.new_empty(sum(sizes))
             self._exchange(received, send.view(-1), sizes, [send.shape[1]] * world)
             offset = 0
             for i in (i for ids in owned for i in ids):
-                for g in blocks[i].grads():
+                for g in grads[i]:
                     local = g.to_local()
                     local.copy_(received[offset:offset + local.numel()].view(local.shape))
                     offset += _piece(g.shape, world)
@@ -579,14 +586,15 @@ def _piece(shape: torch.Size, world: int) -> int:
     return chunk_rows(shape[0], world) * math.prod(shape[1:])
 
 
-def _pieces_size(blocks: Sequence[Block], idx: list[int], world: int) -> int:
-    return sum(_piece(g.shape, world) for i in idx for g in blocks[i].grads())
+def _pieces_size(parts: Mapping[int, list[Tensor]], idx: list[int], world: int) -> int:
+    return sum(_piece(t.shape, world) for i in idx for t in parts[i])
 
 
-def _by_grad_dtype(blocks: Sequence[Block], indices) -> list[list[int]]:
+def _by_dtype(parts: Mapping[int, list[Tensor]]) -> list[list[int]]:
+    """The keys of ``parts`` grouped by the dtype of their tensors (one collective per group)."""
     groups: dict[torch.dtype, list[int]] = {}
-    for i in indices:
-        groups.setdefault(blocks[i].weight.grad.dtype, []).append(i)
+    for i, tensors in parts.items():
+        groups.setdefault(tensors[0].dtype, []).append(i)
     return list(groups.values())
 
 

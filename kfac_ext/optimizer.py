@@ -228,22 +228,25 @@ class KFAC(torch.optim.SGD):
         """M(δ) − M(0) = ∇ᵀδ + ½ δᵀ(F + γI)δ, F ≈ blockdiag(G ⊗ A) on the K-FAC blocks and 0 on
         the parameters the base optimizer moves alone (their ∇ᵀδ and γ‖δ‖² still count: L(θ+δ)
         sees their change too). Under FSDP2 each block's terms come from the rank that
-        preconditioned it (it holds the raw gradient whole), the other parameters' from the local
-        shards, and the sum from an all-reduce."""
+        preconditioned it (it holds the raw gradient whole, and gets the parameter changes whole
+        by the gradients' exchange), the other parameters' from the local shards, and the sum
+        from an all-reduce."""
         precond = self.preconditioner
         dist_ctx = precond._dist
         sharded = dist_ctx is not None and dist_ctx.sharded
         terms = torch.zeros(2, dtype=torch.float64, device=precond.blocks[0].device)  # linear, quadratic
         factors = precond.factors()
-        modelled = set()
-        for block, grad in zip(precond.blocks, raw_grads):
-            if block.weight.grad is None or block.name not in factors:
+        blocks = precond.blocks
+        modelled_blocks = {i: [deltas[id(p)] for p in b.params()] for i, b in enumerate(blocks)
+                           if b.weight.grad is not None and b.name in factors}
+        modelled = {id(p) for i in modelled_blocks for p in blocks[i].params()}
+        if sharded:  # whole on each block's owner (every rank with grad_worker_fraction 1)
+            modelled_blocks = dict(enumerate(dist_ctx.gather_whole(blocks, modelled_blocks)))
+        for i, block_deltas in modelled_blocks.items():
+            block, grad = blocks[i], raw_grads[i]
+            if block_deltas is None or (sharded and dist_ctx.grad_owner(block) != dist_ctx.rank):
                 continue
-            modelled.update(id(p) for p in block.params())
-            bias = _whole(deltas[id(block.bias)]) if block.bias is not None else None
-            dw = block.matrix(_whole(deltas[id(block.weight)]), bias)  # under FSDP2 every rank gathers
-            if sharded and dist_ctx.grad_owner(block) != dist_ctx.rank:
-                continue
+            dw = block.matrix(block_deltas[0], block_deltas[1] if block.bias is not None else None)
             a, g = factors[block.name]
             dw = dw.to(a.dtype)
             if block.a_diagonal:
