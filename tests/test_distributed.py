@@ -148,7 +148,7 @@ SCENARIOS = {
     # A real model: Hugging Face GPT-2, each block and the root sharded.
     "fsdp-gpt2": dict(kfac=kfac_args(None, "eigen", "type-2", kl_clip=1e-2), wrap="fsdp", steps=3, model="gpt2"),
     # MixedPrecisionPolicy(param_dtype=bf16): bf16 forward and backward, float32 factors.
-    "fsdp-bf16": dict(kfac={**kfac_args("a", "eigen", "type-2"), "factor_dtype": torch.float32,
+    "fsdp-bf16": dict(kfac={**kfac_args(None, "eigen", "type-2"), "factor_dtype": torch.float32,
                             "inv_dtype": torch.float32}, wrap="fsdp", steps=4, bf16=True, reference=False),
 }
 RUNS = {
