@@ -70,16 +70,35 @@ def tokens(step: int) -> torch.Tensor:
     return torch.randint(0, 20, (B, 7), generator=torch.Generator().manual_seed(200 + step))
 
 
+def resnet18() -> nn.Module:
+    """torchvision's ResNet-18, float64: every convolution's output goes through BatchNorm and
+    ``ReLU(inplace=True)``, and each residual sum is taken in place."""
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=3).double()
+
+
+def images(step: int) -> torch.Tensor:
+    return torch.randn(B, 3, 16, 16, generator=torch.Generator().manual_seed(300 + step), dtype=F64)
+
+
 def model_of(spec: dict) -> nn.Module:
-    return gpt2() if spec.get("model") == "gpt2" else mlp(spec.get("inplace", False), spec.get("classes", 3))
+    if spec.get("model") == "gpt2":
+        return gpt2()
+    if spec.get("model") == "resnet18":
+        return resnet18()
+    return mlp(spec.get("inplace", False), spec.get("classes", 3))
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
     """The modules ``fully_shard`` wraps before the root: each Linear of the MLP, each GPT-2
-    block."""
+    block, each ResNet stage."""
     if isinstance(model, nn.Sequential):
         return [layer for layer in model if isinstance(layer, nn.Linear)]
-    return list(model.transformer.h)
+    if hasattr(model, "transformer"):
+        return list(model.transformer.h)
+    return [model.layer1, model.layer2, model.layer3, model.layer4]
 
 
 def kfac_args(mode: str | None, inversion: str, fisher_type: str, **extra) -> dict:
@@ -118,8 +137,9 @@ SCENARIOS = {
     # process_group=: only ranks 1 and 2 of 3 train (group ranks 0 and 1; rank 2 owns things).
     "subgroup": dict(kfac=kfac_args("b", "eigen", "type-2"), wrap="manual", steps=4, group=[1, 2]),
     # FSDP2 (fully_shard on each Linear and the root): parameters and gradients are row shards
-    # (the 9-row layer splits 5/4 on 2 ranks), the step gathers each ∇W̄ whole and writes this
-    # rank's rows back; KFAC's SGD updates the local shards.
+    # (the 9-row layer splits 5/4 on 2 ranks); mode "a" all-gathers the gradients and every rank
+    # keeps its rows of the result, mode "b" (the default under FSDP2) sends each layer's rows to
+    # its owner and the owner sends the result's rows back; KFAC's SGD updates the local shards.
     "fsdp-a-eigen-type2": dict(kfac=kfac_args("a", "eigen", "type-2", kl_clip=1e-2), wrap="fsdp", steps=4),
     "fsdp-b-cholesky-empirical": dict(kfac=kfac_args("b", "cholesky", "empirical"), wrap="fsdp", steps=4),
     "fsdp-nan-input": dict(kfac=kfac_args(None, "eigen", "type-2"), wrap="fsdp", steps=4, nan_input=2),
@@ -147,6 +167,12 @@ SCENARIOS = {
                              classes=2),
     # A real model: Hugging Face GPT-2, each block and the root sharded.
     "fsdp-gpt2": dict(kfac=kfac_args(None, "eigen", "type-2", kl_clip=1e-2), wrap="fsdp", steps=3, model="gpt2"),
+    # torchvision ResNet-18 under Monte Carlo, 4-D convolution weights sharded by output
+    # channel (BatchNorm uses each rank's own batch statistics, so there is no single-process
+    # twin). Factors above 600 (the 3x3 convolutions from layer2 on: A up to 4609) are left to
+    # SGD to keep the test fast.
+    "fsdp-resnet18": dict(kfac=kfac_args(None, "eigen", "mc", kl_clip=1e-2, max_factor_dim=600), wrap="fsdp",
+                          steps=2, model="resnet18", reference=False),
     # MixedPrecisionPolicy(param_dtype=bf16): bf16 forward and backward, float32 factors.
     "fsdp-bf16": dict(kfac={**kfac_args(None, "eigen", "type-2"), "factor_dtype": torch.float32,
                             "inv_dtype": torch.float32}, wrap="fsdp", steps=4, bf16=True, reference=False),
@@ -154,7 +180,8 @@ SCENARIOS = {
 RUNS = {
     2: ["a-eigen-type2", "b-cholesky-empirical", "nan-input", "nan-statistics", "fail-a", "fail-b",
         "ckpt-a", "ckpt-b", "mc", "fsdp-a-eigen-type2", "fsdp-b-cholesky-empirical", "fsdp-nan-input",
-        "fsdp-mc", "fsdp-bf16", "fsdp-ckpt", "fsdp-inplace-type2", "adaptive", "fsdp-adaptive", "fsdp-gpt2"],
+        "fsdp-mc", "fsdp-bf16", "fsdp-ckpt", "fsdp-inplace-type2", "adaptive", "fsdp-adaptive", "fsdp-gpt2",
+        "fsdp-resnet18"],
     3: ["a-cholesky-empirical-manual", "b-eigen-type2", "subgroup", "fsdp-a-eigen-type2", "fsdp-inplace-type2",
         "fsdp-resume", "fsdp-adaptive", "fsdp-gpt2", "fsdp-empty-shard"],
 }
@@ -234,6 +261,8 @@ def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None =
             else:
                 x, y = global_batch(step)
                 y = y % spec.get("classes", 3)
+                if spec.get("model") == "resnet18":
+                    x = images(step)
                 if spec.get("nan_input") == step:
                     x[-1, 0] = float("nan")  # the last row: the last rank's
                 x, y = x[rows], y[rows]
@@ -568,6 +597,23 @@ def test_checkpoint_from_two_ranks_resumes_on_one(runs, name):
             assert rel(p, q) < TOL, f"step {step}: parameter {i}"
         for i, (p, q) in enumerate(zip(got["grads"], want["grads"])):
             assert rel(p, q) < TOL, f"step {step}: gradient {i}"
+
+
+def test_fsdp_resnet18_captures_every_block(runs):
+    """Every block of a sharded torchvision ResNet-18 gets both factors under Monte Carlo
+    sampling, finite, the same on both ranks, and every parameter trains (K-FAC's or SGD's)."""
+    per_rank = runs[0][2]["fsdp-resnet18"]
+    assert_ranks_identical(per_rank, "fsdp-resnet18")
+    names = [b.name for b in KFACPreconditioner(resnet18(), loss="cross_entropy", max_factor_dim=600).blocks]
+    assert len(names) == 10  # conv1, layer1's 4 convolutions, layer2.0.conv1, the 3 downsamples, fc
+    for records in per_rank:
+        for rec in records:
+            assert sorted(rec["factors"]) == sorted(names)
+            assert all(torch.isfinite(t).all() and t.abs().sum() > 0 for pair in rec["factors"].values() for t in pair)
+            assert rec["stats"]["nonfinite_grad_steps"] == 0
+        assert records[-1]["stats"]["factor_updates"] == 2
+        for i, (p, p0) in enumerate(zip(records[-1]["params"], resnet18().parameters())):
+            assert torch.isfinite(p).all() and not torch.equal(p, p0.detach()), f"parameter {i} did not train"
 
 
 @pytest.mark.parametrize("world", RUNS)
