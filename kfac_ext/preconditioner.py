@@ -40,7 +40,7 @@ from . import distributed
 from . import ops as native_ops
 from . import reference as reference_ops
 from .layers import KFAC_APPROXIMATIONS, Block, find_blocks
-from .layers.base import Hook, _local
+from .layers.base import Hook
 from .losses import CrossEntropy, Loss, make_loss
 from .ops import Status
 
@@ -516,11 +516,12 @@ class KFACPreconditioner:
             raise RuntimeError("KFACPreconditioner.step(): no block has a gradient; call loss.backward() before step()")
         for block in ran:
             block.ensure_bias_grad()
-        finite = _all_finite([_local(g) for b in ran for g in b.grads()])
         if self._sharded():  # whole on the ranks that precondition them, None elsewhere
+            finite = _all_finite([g.to_local() for b in ran for g in b.grads()])
             grads = self._dist.gather_gradients(self.blocks)
-        else:
+        else:  # one check per block
             grads = [b.grad_matrix() for b in self.blocks]
+            finite = _all_finite([g for g in grads if g is not None])
         self.last_raw_gradients = grads
         if self._dist is not None:  # all ranks skip together
             finite = self._dist.all_finite(finite)
