@@ -242,6 +242,8 @@ class KFAC(torch.optim.SGD):
         modelled = {id(p) for i in modelled_blocks for p in blocks[i].params()}
         if sharded:  # whole on each block's owner (every rank with grad_worker_fraction 1)
             modelled_blocks = dict(enumerate(dist_ctx.gather_whole(blocks, modelled_blocks)))
+        else:  # (FSDP2 on one rank: DTensors, whole already)
+            modelled_blocks = {i: [_whole(d) for d in ds] for i, ds in modelled_blocks.items()}
         for i, block_deltas in modelled_blocks.items():
             block, grad = blocks[i], raw_grads[i]
             if block_deltas is None or (sharded and dist_ctx.grad_owner(block) != dist_ctx.rank):
