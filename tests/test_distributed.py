@@ -638,7 +638,7 @@ def test_sharded_checkpoint_resumes_on_another_sharded_world_size(runs):
 # ---- no process group, or one rank: the single-process code path --------------------------
 
 
-@pytest.mark.parametrize("name", ["a-eigen-type2", "fsdp-inplace-type2"])
+@pytest.mark.parametrize("name", ["a-eigen-type2", "fsdp-inplace-type2", "fsdp-adaptive"])
 def test_world_size_one_process_group_is_the_single_process_path(tmp_path, name):
     """A process group of one rank: no distributed context; under FSDP2 (one-rank mesh, DTensor
     parameters) the same results as the unsharded model."""
