@@ -570,7 +570,8 @@ def _check_sharding(layers: Sequence[Block], group: dist.ProcessGroup | None) ->
     ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
     for p in params:
         check_row_sharded(p)
-        if dist.get_process_group_ranks(p.device_mesh.get_group()) != ranks:
+    for mesh in {id(p.device_mesh): p.device_mesh for p in params}.values():  # usually one
+        if dist.get_process_group_ranks(mesh.get_group()) != ranks:
             raise NotImplementedError("K-FAC under FSDP2 needs the parameters sharded over the ranks of its "
                                       "process group (no HSDP / replicated meshes)")
 

@@ -339,8 +339,9 @@ class KFACPreconditioner:
         x = (layout(x) if layout is not None else x).detach()
         for block, _ in pairs:
             self._pending_a.setdefault(block.name, []).append(x)
-        rows = _leading_dim(layout(output) if layout is not None else output)  # examples, or 1 if broadcast
-        self._batch_rows.append((rows, [block.name for block, _ in pairs]))
+        if self.fisher_type != "mc":  # batch-broadcast outputs only bias the other Fisher types
+            rows = _leading_dim(layout(output) if layout is not None else output)  # examples, or 1
+            self._batch_rows.append((rows, [block.name for block, _ in pairs]))
         if output.requires_grad:
             # A tensor hook registered now sees the gradient w.r.t. this value even if an
             # in-place activation modifies the output afterwards.
@@ -413,11 +414,11 @@ class KFACPreconditioner:
         """Blocks whose output had one row in a forward where other blocks' had ``N > 1`` (GPT-2's
         position embedding of ``position_ids`` ``[1, T]``) are broadcast over the batch: their
         output gradient arrives summed over the examples, so G is built from batch sums.
-        Unbiased under "mc" (the examples' sampled terms are independent with mean 0); not under
-        the others."""
+        Unbiased under "mc" (the examples' sampled terms are independent with mean 0), so
+        ``_record`` notes the rows under the other Fisher types only."""
         seen, self._batch_rows = self._batch_rows, []
         batch = max((rows for rows, _ in seen), default=1)
-        if batch <= 1 or self.fisher_type == "mc":
+        if batch <= 1:
             return
         for name in sorted({name for rows, names in seen if rows == 1 for name in names}):
             if f"batch-shared {name}" in self._warned:
