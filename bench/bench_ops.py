@@ -20,7 +20,8 @@ The "reference / native" and "vendor / native" columns are time ratios (above 1:
 
 --large-rows runs only the cases where per-layer libraries and fused kernels part ways: the
 factor update with 65536 rows, d from 64 to 4096, one or two layers and 20 or 50 small layers,
-and 64 small factors (n = 16..256) through damped_inverse and eigen_decompose.
+64 small factors (n = 16..256) through damped_inverse and eigen_decompose, and pairs of factor
+updates on either side of the CUDA routing thresholds (routing_boundary_cases).
 """
 
 from __future__ import annotations
@@ -157,6 +158,19 @@ def large_rows_cases() -> list[Case]:
             cases.append(Case("factor_update", [d] * layers, LARGE_ROWS, torch.float32))
     for family in ("damped_inverse", "eigen_decompose"):
         cases += [Case(family, [n] * SMALL_N_COUNT, 0, torch.float32, ones=False) for n in SMALL_N]
+    return cases + routing_boundary_cases()
+
+
+def routing_boundary_cases() -> list[Case]:
+    """Pairs of factor updates that differ only in the CUDA path they take, to place the routing
+    thresholds of csrc/cuda/factor_update.cu: the fused kernel takes a call's small layers (side
+    <= 256, rows <= 1024) only when it has at least 8 of them. So 7 layers (cuBLAS + mirror) vs 8
+    (fused), per layer, at rows 64..1024; and 32 layers at 1024 rows (fused) vs 1025 (cuBLAS)."""
+    cases = []
+    for d in (31, 127, 255):  # factor sides 32, 128, 256
+        for rows in (64, 256, 1024):
+            cases += [Case("factor_update", [d] * layers, rows, torch.float32) for layers in (7, 8)]
+        cases += [Case("factor_update", [d] * 32, rows, torch.float32) for rows in (1024, 1025)]
     return cases
 
 

@@ -22,7 +22,11 @@ from kfac_ext.ops import Status  # noqa: E402
 
 X_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 FACTOR_DTYPES = (torch.float32, torch.float64)
-TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
+# Relative (Frobenius) error allowed between two arithmetic paths (CPU vs CUDA) in a dtype: the
+# problems here are well conditioned (SPD factors with condition numbers ~30, sums over <= 1100
+# rows), so 1000 ulps covers summation order and fused multiply-adds on either side.
+TOL = {dtype: 1000 * torch.finfo(dtype).eps for dtype in (torch.float32, torch.float64)}
+FAILURES: list[str] = []  # every failed check: the script runs them all, then reports
 # (d, append_ones), one call: factor sides 1, 18, 31, 32, 33, 64, 255, 256 go through the fused
 # kernel (dbar <= 256 and rows <= 1024, at least 8 such layers in the call); 257, 511, 512, 513
 # and 700 through cuBLAS + the mirror kernel (700: more elements than its 64 blocks cover at once)
@@ -55,9 +59,16 @@ def on_device(tensors):
     return [t.to(DEVICE, copy=True) for t in tensors]
 
 
+def expect(ok, message):
+    """Records a failed check and carries on, so one failure does not hide the checks after it."""
+    if not ok:
+        FAILURES.append(message)
+        print(f"FAIL: {message}", flush=True)
+
+
 def check(report, name, err, tol):
     report[name] = err
-    assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+    expect(err < tol, f"{name}: relative error {err:.2e} >= {tol:.1e}")
 
 
 def factor_update_both(fs, xs, **kw):
@@ -65,7 +76,7 @@ def factor_update_both(fs, xs, **kw):
     fs_dev = on_device(fs)
     ops.factor_update_(fs, xs, **kw)
     ops.factor_update_(fs_dev, on_device(xs), **kw)
-    assert all(torch.equal(f, f.T) for f in fs_dev), "factor_update: not exactly symmetric"
+    expect(all(torch.equal(f, f.T) for f in fs_dev), "factor_update: not exactly symmetric")
     return fs_dev
 
 
@@ -90,7 +101,8 @@ def check_factor_update(report):
             got = factor_update_both(fs, xs, decay=decay, scales=0.5, append_ones=ones)
             check(report, f"factor_update F={f_dtype} rows=0 decay={decay}",
                   max(rel_err(g, c) for g, c in zip(got, fs)), TOL[f_dtype])
-            assert all(torch.equal(c, decay * s) for c, s in zip(fs, start)), "CPU rows=0: F != decay F"
+            check(report, f"factor_update CPU F={f_dtype} rows=0 decay={decay}: F vs decay F",
+                  max(rel_err(c, decay * s) for c, s in zip(fs, start)), 4 * torch.finfo(f_dtype).eps)
         # many layers in one call: more fused layers than one launch table holds, and every
         # tenth with 1100 rows (so cuBLAS); then more GEMM layers than one mirror table holds
         for count, rows in ((MANY, lambda i: 1100 if i % 10 == 0 else 5 + i % 3), (170, lambda i: 1025)):
@@ -110,17 +122,17 @@ def check_inversion_and_preconditioning(report, dtype):
     gpu = on_device(factors)
     inv_c, st_c = ops.damped_inverse(factors, 1e-3)
     inv_g, st_g = ops.damped_inverse(gpu, 1e-3)
-    assert torch.equal(st_c, st_g.cpu()), f"damped_inverse status {st_c} vs {st_g}"
+    expect(torch.equal(st_c, st_g.cpu()), f"damped_inverse status {st_c} vs {st_g}")
     check(report, f"damped_inverse {dtype}", max(rel_err(g, c) for g, c in zip(inv_g[:5], inv_c[:5])), tol)
-    assert all(int((g != 0).sum()) == 0 for g in inv_g[5:]), "failed inverses must be zeros"
+    expect(all(int((g != 0).sum()) == 0 for g in inv_g[5:]), "failed inverses must be zeros")
     # more small factors than one launch table of the small-Cholesky kernel holds
     many = [spd(1 + i % 8, dtype) for i in range(100)]
     (inv_m, st_m), (inv_mc, st_mc) = ops.damped_inverse(on_device(many), 1e-3), ops.damped_inverse(many, 1e-3)
-    assert torch.equal(st_m.cpu(), st_mc), "damped_inverse status, 100 factors"
+    expect(torch.equal(st_m.cpu(), st_mc), "damped_inverse status, 100 factors")
     check(report, f"damped_inverse {dtype} 100 factors", max(rel_err(g, c) for g, c in zip(inv_m, inv_mc)), tol)
     # eigen + both preconditioners
     lam, q, st = ops.eigen_decompose(gpu[:5])
-    assert int(st.sum()) == 0, f"eigen_decompose status {st}"
+    expect(int(st.sum()) == 0, f"eigen_decompose status {st}")
     recon = [qi @ torch.diag(li) @ qi.T for li, qi in zip(lam, q)]
     check(report, f"eigen_decompose {dtype}", max(rel_err(r, f) for r, f in zip(recon, factors[:5])), tol)
     grads = [torch.randn(m, n, dtype=dtype) for m, n in ((1, 7), (64, 65), (130, 7))]
@@ -153,7 +165,7 @@ def check_inversion_and_preconditioning(report, dtype):
 def check_overflow(report):
     # pre-solve: the damped value 3.7e38 overflows float32; the float64 retry succeeds
     inv, st = ops.damped_inverse([torch.tensor([[1.7e38]], device=DEVICE)], 2e38)
-    assert int(st[0]) == Status.OK_AFTER_FP64_RETRY, f"overflow retry status {int(st[0])}"
+    expect(int(st[0]) == Status.OK_AFTER_FP64_RETRY, f"overflow retry status {int(st[0])}")
     check(report, "damped_inverse float32 overflow retry", rel_err(inv[0], torch.tensor([[1 / 3.7e38]])), 1e-4)
     # post-solve: the inverse of 1e-39 (subnormal) is 1e39, past float32's range, even from the
     # float64 retry; small kernel (1x1) and ATen path (65x65). Status and values as on CPU.
@@ -161,9 +173,10 @@ def check_overflow(report):
         inv_c, st_c = ops.damped_inverse([factor], 0.0)
         inv_g, st_g = ops.damped_inverse([factor.to(DEVICE)], 0.0)
         n = factor.shape[0]
-        assert int(st_g[0]) in (Status.OK_AFTER_FP64_RETRY, Status.FAILED), f"post-solve overflow {n}x{n}: status {int(st_g[0])}"
-        assert torch.equal(st_c, st_g.cpu()), f"post-solve overflow {n}x{n}: status {st_g} vs CPU {st_c}"
-        assert torch.equal(inv_c[0], inv_g[0].cpu()), f"post-solve overflow {n}x{n}: values differ from CPU"
+        expect(int(st_g[0]) in (Status.OK_AFTER_FP64_RETRY, Status.FAILED), f"post-solve overflow {n}x{n}: status {int(st_g[0])}")
+        expect(torch.equal(st_c, st_g.cpu()), f"post-solve overflow {n}x{n}: status {st_g} vs CPU {st_c}")
+        check(report, f"damped_inverse float32 post-solve overflow {n}x{n}: values vs CPU",
+              rel_err(inv_g[0], inv_c[0]), TOL[torch.float32])
         report[f"damped_inverse float32 post-solve overflow {n}x{n} ({Status(int(st_g[0])).name})"] = 0.0
 
 
@@ -203,7 +216,7 @@ def check_stream(report):
     s.synchronize()
     errors = [rel_err(g, w) for g, w in zip(got, want)]  # eigenvectors are not compared: signs are free
     for i, err in enumerate(errors):
-        assert err < 1e-4, f"non-default stream: output {i} relative error {err:.2e}"
+        expect(err < TOL[torch.float32], f"non-default stream: output {i} relative error {err:.2e}")
     report["all ops on a non-default stream"] = max(errors)
 
 
@@ -244,7 +257,7 @@ def check_graphs(report):
         eager = ops.kron_matmul(lefts, eager_m, rights) + ops.precondition_eigen([q[1]], [lam[1]], eager_m, [q[0]], [lam[0]], 1e-2)
         for name, got, want in (("factor_update_", fs, eager_f), ("kron_matmul/precondition_eigen", outs, eager)):
             err = max(rel_err(g, w) for g, w in zip(got, want))
-            assert err < 1e-5, f"CUDA graph replay {trial}: {name} differs from eager by {err:.2e}"
+            expect(err < TOL[torch.float32], f"CUDA graph replay {trial}: {name} differs from eager by {err:.2e}")
             worst = max(worst, err)
     report["CUDA graph replay vs eager (factor_update_, kron_matmul, precondition_eigen)"] = worst
 
@@ -262,37 +275,48 @@ def check_graphs(report):
                     caught = e
         except RuntimeError as e:
             raise AssertionError(f"{name} under capture broke the capture instead of refusing first: {e}") from e
-        assert caught is not None, f"{name} ran under CUDA graph capture; it must refuse (it synchronizes)"
+        expect(caught is not None, f"{name} ran under CUDA graph capture; it must refuse (it synchronizes)")
         message = str(caught)
-        assert "capture" in message and name in message, f"{name} under capture: unclear message {message!r}"
+        expect("capture" in message and name in message, f"{name} under capture: unclear message {message!r}")
         # the process is still usable: the same op, eagerly, as on CPU
         if name == "damped_inverse":
             (inv, st), (inv_c, st_c) = call(), ops.damped_inverse(cpu(factors), 1e-3)
-            assert torch.equal(st.cpu(), st_c), f"damped_inverse after a refused capture: status {st}"
+            expect(torch.equal(st.cpu(), st_c), f"damped_inverse after a refused capture: status {st}")
             err = max(rel_err(g, c) for g, c in zip(inv, inv_c))
         else:
             lam, q, st = call()
-            assert int(st.sum()) == 0, f"eigen_decompose after a refused capture: status {st}"
+            expect(int(st.sum()) == 0, f"eigen_decompose after a refused capture: status {st}")
             err = max(rel_err(qi @ torch.diag(li) @ qi.T, f) for li, qi, f in zip(lam, q, factors))
-        assert err < 1e-4, f"{name} after a refused capture: relative error {err:.2e}"
+        expect(err < TOL[torch.float32], f"{name} after a refused capture: relative error {err:.2e}")
         report[f"{name} refuses capture, then runs eagerly"] = err
+
+
+def run_section(name, fn, *args):
+    """Runs one group of checks; an exception is recorded as a failure and the next group runs."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - reported below, the script exits nonzero
+        expect(False, f"{name} raised {type(e).__name__}: {e}")
 
 
 def main() -> int:
     torch.manual_seed(0)
     report = {}
-    check_factor_update(report)
+    run_section("factor_update", check_factor_update, report)
     for dtype in FACTOR_DTYPES:
-        check_inversion_and_preconditioning(report, dtype)
-    check_overflow(report)
+        run_section(f"inversion and preconditioning {dtype}", check_inversion_and_preconditioning, report, dtype)
+    run_section("overflow", check_overflow, report)
     if DEVICE.type == "cuda":
-        check_stream(report)
-        check_graphs(report)
+        run_section("non-default stream", check_stream, report)
+        run_section("CUDA graphs", check_graphs, report)
         torch.cuda.synchronize()
     else:
         print("non-default stream and CUDA graph checks: skipped on cpu")
     for name, err in report.items():
         print(f"{name:80s} max rel err vs CPU {err:.2e}")
+    if FAILURES:
+        print(f"cuda_smoke on {DEVICE}: {len(FAILURES)} FAILED:\n  " + "\n  ".join(FAILURES))
+        return 1
     print(f"cuda_smoke on {DEVICE}: OK")
     return 0
 

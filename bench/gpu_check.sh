@@ -6,10 +6,11 @@
 #                               synccheck, initcheck) if compute-sanitizer works on this runtime
 #                               (it is probed first; "compute-sanitizer unavailable: <reason>"
 #                               otherwise, and the numeric checks above still count)
-#   bash bench/gpu_check.sh 2   build only if kfac_ext._C (with CUDA) does not import; the op benchmark's
-#                               large-rows / small-factor cases (bench_ops.py --large-rows); the
-#                               whole step (bench_step.py: ResNet-50, GPT-2 small and the zoo,
-#                               inversion every step and amortised)
+#   bash bench/gpu_check.sh 2   build only if kfac_ext._C (with CUDA) does not import; the whole
+#                               step on GPT-2 small and ResNet-50 (bench_step.py, inversion every
+#                               step and amortised); the op benchmark's large-rows / small-factor /
+#                               routing-boundary cases (bench_ops.py --large-rows); the step on
+#                               the zoo with what is left of the budget
 #   bash bench/gpu_check.sh     both, one after the other
 # Each part runs its steps under `timeout`s that together stay inside BUDGET seconds (default
 # 285): a step gets what is left of the budget, up to its own cap, and is skipped when under 15 s
@@ -71,8 +72,26 @@ run_step() {
   return $rc
 }
 
+# Sets NVCC to the CUDA compiler the build will use: $CUDACXX, else nvcc on PATH, else the newest
+# /usr/local/cuda*/bin/nvcc (on the device it may not be on PATH); exports CUDACXX and PATH for it.
+find_nvcc() {
+  local candidate
+  NVCC=""
+  for candidate in "${CUDACXX:-}" "$(command -v nvcc 2>/dev/null)" /usr/local/cuda/bin/nvcc \
+      $(ls -d /usr/local/cuda*/bin/nvcc 2>/dev/null | sort -rV); do
+    if [[ -n $candidate && -x $candidate ]]; then NVCC=$candidate; break; fi
+  done
+  if [[ -z $NVCC ]]; then
+    echo "nvcc not found (CUDACXX, PATH, /usr/local/cuda*/bin)"
+    return 1
+  fi
+  export CUDACXX=$NVCC PATH="$(dirname "$NVCC"):$PATH"
+  echo "nvcc: $NVCC ($("$NVCC" --version | grep -m1 -o 'release [0-9.]*'))"
+}
+
 build() {
-  run_step "build (CUDAARCHS=$CUDAARCHS)" "$1" build.log \
+  find_nvcc || { record "find nvcc" "FAIL (not found)" 0 "-"; failed=1; return 1; }
+  run_step "build (CUDAARCHS=$CUDAARCHS, $NVCC)" "$1" build.log \
     "KFAC_EXT_WITH_CUDA=ON CUDAARCHS=$CUDAARCHS $PY -m pip install --no-index --no-build-isolation --no-deps \
        -C build-dir=build/gpu . && \
      $PY -P -c 'import kfac_ext, torch; print(kfac_ext.build_info(), torch.__version__, torch.cuda.get_device_name())'"
@@ -103,7 +122,8 @@ probe_sanitizer() {
     fi
     reason=$(grep -v -e '^== ' -e 'error-exitcode' "$log" | grep -m1 -iE "not supported|error|unrecognized|unknown|invalid" | sed 's/^[= ]*//')
     [[ -n $reason ]] || reason="no answer within ${limit}s"
-    if [[ -n $filter ]] && grep -qiE "kernel-name|unrecognized|unknown option|invalid option" "$log"; then
+    # Our own "== <command>" header lines name --kernel-name too: only the sanitizer's answer counts.
+    if [[ -n $filter ]] && grep -v '^== ' "$log" | grep -qiE "kernel-name|unrecognized|unknown option|invalid option"; then
       reason=""  # the option, not the device: try without it
     fi
   done
@@ -146,14 +166,20 @@ part2() {
   if ! $PY -P -c "import kfac_ext._C, kfac_ext; assert kfac_ext.build_info()['built_with_cuda']" >/dev/null 2>&1; then
     build 130 || return 1
   fi
-  run_step "op benchmark (--large-rows)" 90 bench-ops.log \
+  # Most important first, each writing its rows as they come: the whole step on the models users
+  # train (GPT-2 small, ResNet-50), leaving 75 s for the op benchmark (the routing thresholds),
+  # then the zoo with whatever is left.
+  local left=$((BUDGET - (SECONDS - PART_START)))
+  run_step "step benchmark (GPT-2 small, ResNet-50)" $((left - 75)) bench-step.log \
+    "$PY bench/bench_step.py --device cuda --models gpt2,resnet --min-run-time 0.1 --rounds 1 --out $OUT"
+  run_step "op benchmark (--large-rows)" 75 bench-ops.log \
     "$PY bench/bench_ops.py --large-rows --device cuda --min-run-time 0.05 --out $OUT"
-  run_step "step benchmark (ResNet-50, GPT-2 small, zoo)" 240 bench-step.log \
-    "$PY bench/bench_step.py --device cuda --models resnet,gpt2,mlp,cnn,transformer --min-run-time 0.1 --rounds 1 --out $OUT"
+  run_step "step benchmark (zoo)" 120 bench-step-zoo.log \
+    "$PY bench/bench_step.py --device cuda --models transformer,mlp,cnn --min-run-time 0.1 --rounds 1 --out $OUT" soft
+  echo
+  grep -hE '^(\||step-cuda)' "$OUT/bench-step.log" "$OUT/bench-step-zoo.log" 2>/dev/null
   echo
   grep -E '^(\||ops-cuda)' "$OUT/bench-ops.log" 2>/dev/null
-  echo
-  grep -E '^(\||step-cuda)' "$OUT/bench-step.log" 2>/dev/null
 }
 
 case ${1:-all} in

@@ -94,7 +94,13 @@ def factor_update_(
         decay: in ``[0, 1]``; ``0`` overwrites the factor (stale NaN/inf are dropped).
         scales: ``>= 0``, one per layer or one for all (e.g. ``1 / rows`` for a mean).
         append_ones: per layer or for all: use ``xbar = [x, 1]`` (ones column LAST) without
-            materialising it; the factor then has ``d_i + 1`` rows and its corner gains ``rows_i``.
+            materialising it; the factor then has ``d_i + 1`` rows and its corner gains
+            ``scales[i] * rows_i``.
+
+    Precision: every element is computed in the factor's dtype (``decay``, ``scales`` and the
+    row count rounded to it), the ones column and its corner included, on every device and
+    path; two paths may differ in the last bits (summation order, fused multiply-adds), so
+    compare them with tolerances from the dtype, never for exact equality.
 
     Non-finite inputs are not checked here (a host sync on CUDA); they propagate into the factor.
     The optimizer screens activations before calling this.

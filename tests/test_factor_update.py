@@ -74,6 +74,71 @@ def test_many_layers_in_one_call(device, factor_dtype, decay):
         assert rel_err(factor, expected(old, x, decay, scale, a)) < TOL[factor_dtype]
 
 
+# The CUDA routing (csrc/cuda/factor_update.cu): a call with >= 8 layers of side <= 256 and rows
+# <= 1024 sends those through the fused multi-layer kernel; larger layers take cuBLAS + one mirror
+# launch. A launch table holds 60 fused entries and 160 mirror entries: more launch in chunks.
+# These cases reach each path on CUDA and pin the same semantics on CPU.
+FUSED_SHAPES = [(0, 5, True), (1, 1, True), (1, 31, False), (37, 32, False), (33, 63, True),
+                (1024, 127, True), (200, 255, True), (5, 256, False), (64, 17, True)]
+
+
+@pytest.mark.parametrize("x_dtype", X_DTYPES)
+@pytest.mark.parametrize("factor_dtype", FACTOR_DTYPES)
+@pytest.mark.parametrize("decay", [0.0, 0.95])
+def test_fused_small_layers(device, x_dtype, factor_dtype, decay):
+    """Nine small layers in one call (CUDA: the fused kernel), with a cuBLAS-sized layer beside
+    them (1025 rows): partial tiles, one row, zero rows, sides 1..256, every dtype pair."""
+    shapes = FUSED_SHAPES + [(1025, 40, True)]
+    layers = [make_layer(r, d, a, x_dtype, factor_dtype, device) for r, d, a in shapes]
+    factors = [old.clone() for old, _ in layers]
+    if decay == 0.0:
+        factors[2][0, 0] = factors[-1][1, 3] = float("nan")  # stale values that decay 0 drops
+    scales = [0.5 / max(r, 1) for r, _, _ in shapes]
+    append = [a for *_, a in shapes]
+    ops.factor_update_(factors, [x for _, x in layers], decay=decay, scales=scales, append_ones=append)
+    for factor, (old, x), scale, a in zip(factors, layers, scales, append):
+        assert torch.equal(factor, factor.T)
+        want = expected(old, x, decay, scale, a)
+        if not want.any():  # zero rows and decay 0: exactly zero (a relative error is 0 / 0)
+            assert not factor.any()
+        else:
+            assert rel_err(factor, want) < TOL[factor_dtype]
+
+
+@pytest.mark.parametrize("count,rows", [(130, 9), (170, 1025)], ids=["130 fused", "170 cuBLAS"])
+@pytest.mark.parametrize("factor_dtype", FACTOR_DTYPES)
+def test_more_layers_than_one_launch_table(device, count, rows, factor_dtype):
+    """More layers than one launch table holds: 130 small layers (CUDA: fused, three chunks of at
+    most 60) or 170 layers of 1025 rows (cuBLAS, mirrored in two chunks of at most 160); each
+    layer's result must land in its own factor."""
+    shapes = [(rows, 1 + i % 9, bool(i % 2)) for i in range(count)]
+    layers = [make_layer(r, d, a, torch.float32, factor_dtype, device) for r, d, a in shapes]
+    factors = [old.clone() for old, _ in layers]
+    scales = [1.0 / (i + 1) for i in range(count)]
+    append = [a for *_, a in shapes]
+    ops.factor_update_(factors, [x for _, x in layers], decay=0.5, scales=scales, append_ones=append)
+    for factor, (old, x), scale, a in zip(factors, layers, scales, append):
+        assert torch.equal(factor, factor.T)
+        assert rel_err(factor, expected(old, x, 0.5, scale, a)) < TOL[factor_dtype]
+
+
+@pytest.mark.parametrize("factor_dtype", FACTOR_DTYPES)
+@pytest.mark.parametrize("decay", [0.0, 0.9])
+def test_zero_rows_decays_only(device, factor_dtype, decay):
+    """rows = 0 on both paths (eight small layers and a large one): F <- decay F, the ones column
+    and its corner included (they gain scale * 0)."""
+    sides = [2, 9, 17, 32, 33, 64, 100, 256, 300]
+    old = [random_spd(n, factor_dtype, device) for n in sides]
+    factors = [f.clone() for f in old]
+    xs = [torch.empty(0, n - 1, dtype=factor_dtype, device=device) for n in sides]
+    ops.factor_update_(factors, xs, decay=decay, scales=0.5, append_ones=True)
+    for factor, f in zip(factors, old):
+        if decay == 0.0:
+            assert not factor.any()
+        else:
+            assert rel_err(factor, decay * f.double()) <= 4 * torch.finfo(factor_dtype).eps
+
+
 @pytest.mark.parametrize("append_ones", [False, True])
 def test_zero_decay_drops_stale_nan_and_inf(device, append_ones):
     d, rows = 17, 9

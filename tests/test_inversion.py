@@ -114,6 +114,26 @@ def test_inverse_non_finite_input(device, value, dtype):
         assert rel_err(inverses[i].double() @ damped(factors[i], 0.1), eye_like(factors[i])) < SOLVE_TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inverse_more_small_factors_than_one_launch_table(device, dtype):
+    """170 factors of sides 1..64 (CUDA: the one-block-per-matrix Cholesky kernel, whose launch
+    table holds 80, so three launches), with a non-finite and a non-PD factor in later chunks:
+    every status and inverse must land at its own index."""
+    sides = [1 + (7 * i) % 64 for i in range(170)]
+    factors = [random_spd(n, dtype, device) for n in sides]
+    factors[95][0, 0] = math.nan
+    factors[161] = -torch.eye(sides[161], dtype=dtype, device=device)
+    inverses, status = ops.damped_inverse(factors, 1e-2)
+    want = [Status.OK] * 170
+    want[95], want[161] = Status.NON_FINITE_INPUT, Status.FAILED
+    assert status_list(status, device) == want
+    for i, (f, inv) in enumerate(zip(factors, inverses)):
+        if want[i] == Status.OK:
+            assert rel_err(inv.double() @ damped(f, 1e-2), eye_like(f)) < SOLVE_TOL[dtype]
+        else:
+            assert torch.equal(inv, torch.zeros_like(f))
+
+
 def rounding_failure(pivot: str, n: int, device) -> torch.Tensor:
     """An ``n x n`` float32 SPD factor, ``[[a, b], [b, c]]`` then the identity (exactly,
     ``a c - b^2 > 0``), whose float32 Cholesky fails on rounding alone (its second pivot computes

@@ -21,7 +21,7 @@ constexpr int64_t kMirrorTile = 32;
 // beta (MKL takes the strided view at full speed: measured 5.9 ms vs 6.3 ms into a fresh d x d at
 // d = 1024, rows = 256; beta == 0 ignores the old values, NaN included), in the factor's dtype
 // (x is cast first, so bf16/fp16 inputs accumulate in at least fp32); the ones column from
-// column sums, the corner = rows. Only the upper triangle is meaningful afterwards:
+// column sums, the corner = rows (in the factor's dtype: corner_increment). Only the upper triangle is meaningful afterwards:
 // mirror_upper makes the factor exactly symmetric.
 void factor_update_one(const at::Tensor& factor, const at::Tensor& x, double decay,
                        double scale, bool append_ones) {
@@ -38,8 +38,8 @@ void factor_update_one(const at::Tensor& factor, const at::Tensor& x, double dec
   }
   AT_DISPATCH_FLOATING_TYPES(factor.scalar_type(), "factor_update", [&] {
     scalar_t& corner = factor.data_ptr<scalar_t>()[d * (d + 1) + d];
-    const double rows = static_cast<double>(x.size(0));
-    corner = static_cast<scalar_t>(decay == 0.0 ? scale * rows : decay * corner + scale * rows);
+    const scalar_t increment = corner_increment<scalar_t>(scale, x.size(0));
+    corner = decay == 0.0 ? increment : static_cast<scalar_t>(decay) * corner + increment;
   });
 }
 

@@ -104,11 +104,12 @@ __global__ void __launch_bounds__(kTile * kThreadRows)
   for (int o = 0; o < kOutputsPerThread; ++o) {
     const int64_t i = i0 + ty + o * kThreadRows, j = j0 + tx;
     if (i >= e.dbar || j >= e.dbar || i > j) continue;  // upper triangle only
-    // The corner sums rows ones: exact, as on CPU (a float32 sum of ones stalls at 2^24).
+    // The corner sums rows ones, from the row count (a float32 sum of ones stalls at 2^24),
+    // by the one precision rule of aten/factor_update.h.
     const bool corner = e.dbar > e.d && i == e.d && j == e.d;
-    const acc_t sum = corner ? static_cast<acc_t>(e.rows) : acc[o];
+    const acc_t increment = corner ? corner_increment<acc_t>(e.scale, e.rows) : scale * acc[o];
     // decay == 0 overwrites: a stale NaN in the old factor must not survive (0 * NaN = NaN).
-    const acc_t value = decay == 0.0 ? scale * sum : beta * f[i * e.dbar + j] + scale * sum;
+    const acc_t value = decay == 0.0 ? increment : beta * f[i * e.dbar + j] + increment;
     f[i * e.dbar + j] = value;
     f[j * e.dbar + i] = value;
   }
@@ -193,13 +194,16 @@ void apply_gemm(const GemmLayer& l, double decay) {
   if (!l.append_ones) return;
   const at::Tensor column = l.factor.narrow(0, 0, d).select(1, d);
   const at::Tensor corner = l.factor.narrow(0, d, 1).narrow(1, d, 1);
-  const double rows = static_cast<double>(l.x.size(0));
+  // Exactly representable in the factor's dtype, so fill_ / add_ round nothing more.
+  const double increment = AT_DISPATCH_FLOATING_TYPES(l.factor.scalar_type(), "factor_update", [&] {
+    return static_cast<double>(corner_increment<scalar_t>(l.scale, l.x.size(0)));
+  });
   if (decay == 0.0) {
     column.copy_(l.column_sums).mul_(l.scale);
-    corner.fill_(l.scale * rows);
+    corner.fill_(increment);
   } else {
     column.mul_(decay).add_(l.column_sums, l.scale);
-    corner.mul_(decay).add_(l.scale * rows);
+    corner.mul_(decay).add_(increment);
   }
 }
 
