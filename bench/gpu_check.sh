@@ -146,19 +146,34 @@ part1() {
   # memcheck without torch's caching allocator: otherwise an overrun lands in a neighbouring
   # tensor of the same cached block and goes unseen (cuda_smoke.py then skips its graph capture,
   # which needs that allocator; the other tools cover it). racecheck covers shared memory only.
-  # initcheck runs unfiltered: memory written by kernels it does not instrument would otherwise
-  # look uninitialized to it.
   local tool opts cap env
-  for tool in memcheck racecheck synccheck initcheck; do
+  for tool in memcheck racecheck synccheck; do
     opts="--tool $tool --error-exitcode 9 $FILTER" cap=60 env=""
-    case $tool in
-      memcheck) cap=75 env="PYTORCH_NO_CUDA_MEMORY_CACHING=1" ;;
-      initcheck) opts="--tool $tool --error-exitcode 9" ;;
-    esac
+    [[ $tool == memcheck ]] && cap=75 env="PYTORCH_NO_CUDA_MEMORY_CACHING=1"
     run_step "compute-sanitizer $tool" $cap "sanitizer-$tool.log" \
       "$env $SANITIZER $opts $PY bench/cuda_smoke.py" soft && tail -n 1 "$OUT/sanitizer-$tool.log"
   done
+  # initcheck runs unfiltered (memory written by kernels it does not instrument would otherwise
+  # look uninitialized to it), so it also reports reads inside libraries: cuSOLVER's float64
+  # sytrd4_gpu reads workspace it never wrote (seen on an H200, thousands of reports, none with a
+  # wrong result). Only a report in one of our kernels (namespace kfac) fails the step; the log
+  # counts the reports per kernel.
+  run_step "compute-sanitizer initcheck (kfac kernels)" 60 sanitizer-initcheck.log \
+    "$SANITIZER --tool initcheck --print-limit 1000000 --show-backtrace no $PY bench/cuda_smoke.py \
+       >/tmp/initcheck-raw.log 2>&1; rc=\$?; initcheck_summary /tmp/initcheck-raw.log; \
+     ((rc == 0)) && ! grep -A1 -E '^=+ (Uninitialized|Invalid)' /tmp/initcheck-raw.log | grep -q 'kfac::'" \
+    soft && tail -n 1 "$OUT/sanitizer-initcheck.log"
 }
+
+# Reports per kernel in an initcheck log, most frequent first, then the total.
+initcheck_summary() {
+  tail -n 3 "$1"
+  grep -A1 -E '^=+ (Uninitialized|Invalid)' "$1" | grep -E '^=+ +at ' \
+    | sed -E 's/^=+ +at //; s/\+0x[0-9a-f]+$//' | cut -c1-100 | sort | uniq -c | sort -rn
+  echo "initcheck: $(grep -cE '^=+ (Uninitialized|Invalid)' "$1") reports," \
+    "$(grep -A1 -E '^=+ (Uninitialized|Invalid)' "$1" | grep -c 'kfac::') in kfac kernels"
+}
+export -f initcheck_summary
 
 part2() {
   PART_START=$SECONDS

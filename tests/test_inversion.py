@@ -15,7 +15,7 @@ OPS = ("damped_inverse", "eigen_decompose")
 
 SIZES = [1, 3, 17, 64, 65, 200, 3, 17, 3]  # repeats: same-size factors are batched together
 DTYPES = [torch.float32, torch.float64]
-# Inverse and eigen-solver results lose about cond(F) * eps: looser than a plain GEMM.
+# Inverse results lose about cond(F) * eps: looser than a plain GEMM (eigen: check_eigen).
 SOLVE_TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
 
 
@@ -189,10 +189,15 @@ def test_inverse_float64_retry(device, make):
 # ---- eigen_decompose -----------------------------------------------------------------------------
 
 
-def check_eigen(f, values, vectors, tol):
+def check_eigen(f, values, vectors):
     """Q diag(λ) Qᵀ == F₊ (the symmetrized F with negative eigenvalues clamped), Q orthogonal,
-    λ ascending, >= 0 and equal to the float64 eigenvalues clamped at 0."""
+    λ ascending, >= 0 and equal to the float64 eigenvalues clamped at 0.
+
+    A backward-stable symmetric eigensolver (LAPACK, cuSOLVER) errs by O(n eps) relative to
+    ‖F‖ in all three, whatever the conditioning: 4 n eps (seen: 1.1 n eps from cuSOLVER's
+    float32 syevd at n = 200 on an H200)."""
     n = f.shape[0]
+    tol = 4 * max(n, 8) * torch.finfo(f.dtype).eps
     assert values.shape == (n,) and vectors.shape == (n, n)
     assert values.dtype == vectors.dtype == f.dtype
     sym = (f.double() + f.double().T) / 2
@@ -212,7 +217,7 @@ def test_eigen_decomposition(device, dtype):
     assert status_list(status, device) == [Status.OK] * len(factors)
     for f, lam, q in zip(factors, values, vectors):
         assert lam.device == f.device and q.device == f.device
-        check_eigen(f, lam, q, SOLVE_TOL[dtype])
+        check_eigen(f, lam, q)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -226,7 +231,7 @@ def test_eigen_clamps_negative_eigenvalues(device, dtype):
     values, vectors, status = ops.eigen_decompose([f.contiguous()])
     assert status_list(status, device) == [Status.OK]
     assert (values[0][:3] == 0).all() and (values[0][3:] > 0).all()
-    check_eigen(f, values[0], vectors[0], SOLVE_TOL[dtype])
+    check_eigen(f, values[0], vectors[0])
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf])
@@ -239,7 +244,7 @@ def test_eigen_non_finite_input(device, value, dtype):
     assert torch.equal(values[1], torch.zeros(6, dtype=dtype, device=device))
     assert torch.equal(vectors[1], torch.zeros_like(factors[1]))
     for i in (0, 2):
-        check_eigen(factors[i], values[i], vectors[i], SOLVE_TOL[dtype])
+        check_eigen(factors[i], values[i], vectors[i])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
