@@ -162,15 +162,14 @@ def large_rows_cases() -> list[Case]:
 
 
 def routing_boundary_cases() -> list[Case]:
-    """Pairs of factor updates that differ only in the CUDA path they take, to place the routing
-    thresholds of csrc/cuda/factor_update.cu: the fused kernel takes a call's small layers (side
-    <= 256, rows <= 1024) only when it has at least 8 of them. So 7 layers (cuBLAS + mirror) vs 8
-    (fused), per layer, at rows 64..1024; and 32 layers at 1024 rows (fused) vs 1025 (cuBLAS)."""
+    """Pairs of factor updates on either side of a CUDA routing limit of
+    csrc/cuda/factor_update.cu (the fused kernel takes layers of side <= 256 and rows <= 1024;
+    cuBLAS + mirror the others): 1024 vs 1025 rows, and sides 256 vs 257, at 1, 8 and 32 layers."""
     cases = []
-    for d in (31, 127, 255):  # factor sides 32, 128, 256
-        for rows in (64, 256, 1024):
-            cases += [Case("factor_update", [d] * layers, rows, torch.float32) for layers in (7, 8)]
-        cases += [Case("factor_update", [d] * 32, rows, torch.float32) for rows in (1024, 1025)]
+    for layers in (1, 8, 32):
+        for d in (31, 127, 255):  # factor sides 32, 128, 256
+            cases += [Case("factor_update", [d] * layers, rows, torch.float32) for rows in (1024, 1025)]
+        cases += [Case("factor_update", [d] * layers, 256, torch.float32) for d in (255, 256)]  # sides 256, 257
     return cases
 
 

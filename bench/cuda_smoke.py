@@ -28,8 +28,8 @@ FACTOR_DTYPES = (torch.float32, torch.float64)
 TOL = {dtype: 1000 * torch.finfo(dtype).eps for dtype in (torch.float32, torch.float64)}
 FAILURES: list[str] = []  # every failed check: the script runs them all, then reports
 # (d, append_ones), one call: factor sides 1, 18, 31, 32, 33, 64, 255, 256 go through the fused
-# kernel (dbar <= 256 and rows <= 1024, at least 8 such layers in the call); 257, 511, 512, 513
-# and 700 through cuBLAS + the mirror kernel (700: more elements than its 64 blocks cover at once)
+# kernel (dbar <= 256 and rows <= 1024); 257, 511, 512, 513 and 700 through cuBLAS + the mirror
+# kernel (700: more elements than its 64 blocks cover at once)
 FACTOR_SHAPES = ((1, False), (17, True), (31, False), (31, True), (33, False), (63, True), (255, False), (255, True),
                  (257, False), (510, True), (512, False), (512, True), (700, False))
 NAN_AT = (1, 11)  # a fused and a GEMM factor that get a stale NaN before a decay-0 update

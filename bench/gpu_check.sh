@@ -24,6 +24,9 @@
 # venv holding torch: install into it (the machine is thrown away afterwards). `-P` keeps the repo
 # root off sys.path for `python -m` / `python -c`, so ./kfac_ext (no _C) never shadows the
 # installed package; `python bench/x.py` puts bench/ (not the root) first, so it needs no -P.
+# Seen on an H200 machine (2026-12-04): nvcc only in /usr/local/cuda/bin, CXX=/opt/gcc/bin/g++
+# (GCC 13, links libstdc++ statically unless CMakeLists.txt names torch's), compute-sanitizer
+# works; part 1 took 190 s, part 2 200 s (build 40-55 s each).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}

@@ -64,18 +64,32 @@ def test_compiled_model_trains_like_eager(fisher_type):
     assert sorted(state["factors"]) == ["0", "2", "4"]
 
 
+class Unrolled(nn.Module):
+    """model()'s layers called one by one. A graph break inside nn.Sequential's loop (each K-FAC
+    hook is one) makes torch 2.11's dynamo skip the whole frame and run it eagerly, so with
+    Sequential that version compiles nothing at all; called one by one, the pieces between the
+    hooks compile on every version."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = model()[::2]
+
+    def forward(self, x):
+        return self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
 def test_no_recompilation_per_step():
     """After the first steps compiled what they need (factor and non-factor steps), further
-    steps compile nothing new."""
+    steps compile nothing new and attempt no new frame."""
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    net = model()
-    compiled = torch.compile(net, backend=counter)
+    compiled = torch.compile(Unrolled(), backend=counter)
     opt = KFAC(compiled, lr=0.1, loss="cross_entropy", factor_update_steps=2, inv_update_steps=3)
     train(compiled, opt, range(4))
-    warm = counter.frame_count
+    warm, attempts = counter.frame_count, torch._dynamo.utils.counters["frames"]["total"]
     assert warm > 0
     train(compiled, opt, range(4, 12))
     assert counter.frame_count == warm
+    assert torch._dynamo.utils.counters["frames"]["total"] == attempts
 
 
 def test_compiled_with_inductor():

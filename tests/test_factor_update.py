@@ -74,9 +74,8 @@ def test_many_layers_in_one_call(device, factor_dtype, decay):
         assert rel_err(factor, expected(old, x, decay, scale, a)) < TOL[factor_dtype]
 
 
-# The CUDA routing (csrc/cuda/factor_update.cu): a call with >= 8 layers of side <= 256 and rows
-# <= 1024 sends those through the fused multi-layer kernel; larger layers take cuBLAS + one mirror
-# launch. A launch table holds 60 fused entries and 160 mirror entries: more launch in chunks.
+# The CUDA routing (csrc/cuda/factor_update.cu): layers of side <= 256 and rows <= 1024 go through
+# one launch of the fused multi-layer kernel; larger layers take cuBLAS + one mirror launch. A launch table holds 60 fused entries and 160 mirror entries: more launch in chunks.
 # These cases reach each path on CUDA and pin the same semantics on CPU.
 FUSED_SHAPES = [(0, 5, True), (1, 1, True), (1, 31, False), (37, 32, False), (33, 63, True),
                 (1024, 127, True), (200, 255, True), (5, 256, False), (64, 17, True)]

@@ -194,10 +194,11 @@ def check_eigen(f, values, vectors):
     λ ascending, >= 0 and equal to the float64 eigenvalues clamped at 0.
 
     A backward-stable symmetric eigensolver (LAPACK, cuSOLVER's syevd and batched Jacobi) errs
-    by O(n eps) relative to ‖F‖ in all three, whatever the conditioning: 4 n eps, and never
-    less than SOLVE_TOL (seen: 1.1 n eps from cuSOLVER's float32 syevd at n = 200 on an H200)."""
+    by O(n eps) relative to ‖F‖ in all three, whatever the conditioning: 8 n eps, and never
+    less than SOLVE_TOL (seen on an H200, cuSOLVER's float32 syevd: 1.1 n eps at n = 200 here,
+    4.7 n eps at n = 130 in bench/cuda_smoke.py)."""
     n = f.shape[0]
-    tol = max(SOLVE_TOL[f.dtype], 4 * n * torch.finfo(f.dtype).eps)
+    tol = max(SOLVE_TOL[f.dtype], 8 * n * torch.finfo(f.dtype).eps)
     assert values.shape == (n,) and vectors.shape == (n, n)
     assert values.dtype == vectors.dtype == f.dtype
     sym = (f.double() + f.double().T) / 2

@@ -1,16 +1,20 @@
 // Factor update on CUDA: F <- decay F + scale xbar^T xbar per layer, routed by shape.
 //
-// * GEMM path (cuBLAS through ATen), the default: x^T x written straight into the factor's d x d
-//   block with the EMA as beta (cuBLAS takes the strided view, no temporary), the ones column from
-//   a column sum, the corner from the row count; then ONE mirror launch for all GEMM layers makes
-//   every factor exactly symmetric.
-// * Fused path: every small layer of the call in ONE launch of a tiled kernel (32x32 tiles of the
-//   upper triangle, xbar read through a loader that supplies the virtual ones column, EMA epilogue,
-//   mirrored write). It only wins where launch overhead dominates, so it takes a layer only when
-//   the call has at least kMinFusedLayers layers with dbar <= kMaxFusedDim and rows <= kMaxFusedRows.
-//   These thresholds are the expert read's estimate (cuBLAS is faster whenever rows >~ 1K), not a
-//   measurement: bench/bench_ops.py --large-rows on a GPU is how to replace them.
-//
+// * Fused path: every layer of the call with dbar <= kMaxFusedDim and rows <= kMaxFusedRows in ONE
+//   launch of a tiled kernel (32x32 tiles of the upper triangle, xbar read through a loader that
+//   supplies the virtual ones column, EMA epilogue, mirrored write).
+// * GEMM path (cuBLAS through ATen) for the other layers: x^T x written straight into the factor's
+//   d x d block with the EMA as beta (cuBLAS takes the strided view, no temporary), the ones column
+//   from a column sum, the corner from the row count; then ONE mirror launch for all GEMM layers
+//   makes every factor exactly symmetric.
+// Routing, measured on an H200 (bench/RESULTS.md, bench_ops.py --large-rows, 2026-12-04): at
+// rows <= 1024 and sides <= 256 the fused launch beats the GEMM path by 4-50x, at any layer count
+// (8 fused layers: 0.02-0.12 ms; 7 layers through cuBLAS: 0.47-0.64 ms, about 70 us of host-side
+// ATen calls per layer), and right at the row limit (32 layers of side 256: 0.31 ms at 1024 rows,
+// 2.38 ms at 1025). So a call no longer needs 8 small layers to fuse. The fused kernel does not
+// split rows across blocks, so at 65536 rows cuBLAS wins; where between 1025 and 65536 rows the
+// two cross (about 2K rows for side 256 by the two regimes' slopes) is not measured yet, so the
+// row and side limits stay where they were measured to be right.
 // Every check and every allocation happens before the first write, so an error (a bad argument,
 // out of memory) leaves every factor as it was.
 #include <ATen/Dispatch.h>
@@ -36,7 +40,6 @@ constexpr int kThreadRows = 8;    // blockDim = (kTile, kThreadRows); each threa
 constexpr int kOutputsPerThread = kTile / kThreadRows;
 constexpr int64_t kMaxFusedDim = 256;
 constexpr int64_t kMaxFusedRows = 1024;
-constexpr size_t kMinFusedLayers = 8;
 
 struct FactorEntry {
   const void* x;   // [rows, d] row-major
@@ -217,9 +220,6 @@ void factor_update(at::TensorList factors, at::TensorList xs, double decay,
                    at::ArrayRef<double> scales, c10::List<bool> append_ones) {
   check_factor_update_args(factors, xs, decay, scales, append_ones);
   const c10::cuda::CUDAGuard guard(factors[0].device());
-  size_t candidates = 0;
-  for (size_t i = 0; i < factors.size(); ++i) candidates += fused_candidate(factors[i], xs[i]);
-  const bool fuse = candidates >= kMinFusedLayers;
 
   std::vector<FactorEntry> fused;
   std::vector<GemmLayer> gemm;
@@ -227,7 +227,7 @@ void factor_update(at::TensorList factors, at::TensorList xs, double decay,
   for (size_t i = 0; i < factors.size(); ++i) {
     const at::Tensor& f = factors[i];
     if (f.numel() == 0) continue;
-    if (fuse && fused_candidate(f, xs[i])) {
+    if (fused_candidate(f, xs[i])) {
       const int64_t per_side = (f.size(0) + kTile - 1) / kTile;
       fused.push_back({xs[i].data_ptr(), f.data_ptr(), xs[i].size(0), xs[i].size(1), f.size(0),
                        per_side, 0, scales[i]});
