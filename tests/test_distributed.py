@@ -21,6 +21,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
+from golden import Golden
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
@@ -473,6 +474,21 @@ def test_ranks_match_single_process_and_each_other(runs, world, name):
             assert sent == (2 * len(want) - skipped + adaptive) * (world - 1) * pieces
         else:
             assert sent == (len(want) + adaptive) * world * (world - 1) * pieces
+
+
+@pytest.fixture(scope="module")
+def golden():
+    g = Golden("distributed")
+    yield g
+    g.save()
+
+
+@pytest.mark.parametrize("world,name", [(w, n) for w, names in RUNS.items() for n in names])
+def test_scenarios_match_golden(runs, golden, world, name):
+    """Every scenario's parameters, factors and statistics on rank 0 after its last step, as the
+    code before the preconditioner's split computed them (tests/golden.py)."""
+    last = runs[0][world][name][0][-1]
+    golden.check(f"world{world}-{name}", dict(params=last["params"], factors=last["factors"], stats=last["stats"]))
 
 
 def _mc_factors_per_rank(records: list[dict], world: int, seeds: list[int]) -> list[dict]:
