@@ -14,7 +14,7 @@ Per step, the time is the slowest rank's (forward, backward with DDP's gradient 
 KFAC step), measured between barriers: "mean" over the timed steps (inversions amortised),
 "inversion step" and "other step" the medians of each kind; "SGD step" is the same loop with
 ``torch.optim.SGD`` (median), in the same processes. Bytes per step are the payloads
-handed to collectives, counted from the buffers (``DistributedContext.comm_bytes``, and the
+handed to collectives, counted from the buffers (``precond.topology.comm_bytes``, and the
 parameters for DDP's gradient all-reduce): "factors" (all-reduce of upper triangles, every
 step), "inverses" (broadcast from the owners, inversion steps only, ``grad_worker_fraction=1``),
 "gradients" (every step: under DDP with ``grad_worker_fraction=0``, the preconditioned gradients
@@ -110,17 +110,17 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
     precond = opt.preconditioner
     for _ in range(cfg["warmup"]):
         step(net, opt)
-    ctx = precond._dist
-    if ctx is not None:
-        ctx.comm_bytes = dict.fromkeys(ctx.comm_bytes, 0)
+    topology = precond.topology
+    if topology.world_size > 1:
+        topology.comm_bytes = dict.fromkeys(topology.comm_bytes, 0)
     first = precond.steps
     times = [step(net, opt) for _ in range(cfg["steps"])]
     comm = {}
     held = torch.tensor([float(precond.memory_usage()["inverses"])], dtype=torch.float64)
-    if ctx is not None:  # the mean over the ranks
-        counted = torch.tensor(list(ctx.comm_bytes.values()), dtype=torch.float64)
+    if topology.world_size > 1:  # the mean over the ranks
+        counted = torch.tensor(list(topology.comm_bytes.values()), dtype=torch.float64)
         dist.all_reduce(counted)
-        comm = {k: float(v) / (world * cfg["steps"]) for k, v in zip(ctx.comm_bytes, counted)}
+        comm = {k: float(v) / (world * cfg["steps"]) for k, v in zip(topology.comm_bytes, counted)}
         dist.all_reduce(held)
         held /= world
     inversion = [t for i, t in enumerate(times) if (first + i) % INV_UPDATE_STEPS == 0]

@@ -147,19 +147,20 @@ def logits_of(output) -> torch.Tensor:
 
 def kfac_phases(precond: KFACPreconditioner) -> dict:
     """The preconditioner's phases as closures over the micro-batch the last forward + backward
-    left pending. The one place that reaches into the preconditioner's private methods."""
-    pending = dict(precond._pending_a), dict(precond._pending_g)
+    left pending in ``precond.capture``."""
+    capture = precond.capture
+    pending = dict(capture.pending_a), dict(capture.pending_g)
     grads = [b.grad_matrix() for b in precond.blocks]
     finite = torch.ones((), dtype=torch.bool, device=next(g for g in grads if g is not None).device)
 
     def factor_update():  # reduce the captured micro-batch to factor sums, then the EMA
-        precond._clear_pending()
-        precond._pending_a, precond._pending_g, precond._forwards = dict(pending[0]), dict(pending[1]), 1
-        precond._flush()
-        precond._update_factors(finite)
+        capture.clear()
+        capture.pending_a, capture.pending_g = dict(pending[0]), dict(pending[1])
+        capture.statistics.forwards = 1
+        precond.update_curvature(finite)
 
-    return dict(factor_update=factor_update, inversion=precond._update_inverses,
-                precondition=lambda: precond._precondition(grads, finite))
+    return dict(factor_update=factor_update, inversion=precond.update_inverses,
+                precondition=lambda: precond.write_directions(grads, finite))
 
 
 def seconds(fn, min_run_time: float, device: torch.device) -> float:

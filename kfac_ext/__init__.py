@@ -1,7 +1,11 @@
 """kfac_ext: K-FAC natural-gradient optimizer for PyTorch with fused native curvature kernels.
 
-* :class:`KFACPreconditioner` rewrites ``.grad`` with the K-FAC direction before any optimizer;
-* :class:`KFAC` is a ``torch.optim`` optimizer (K-FAC + SGD momentum);
+* :class:`KFACPreconditioner` rewrites ``.grad`` with the K-FAC direction before any optimizer,
+  a façade over :mod:`~kfac_ext.capture` (hooks → statistics), :mod:`~kfac_ext.curvature` (the
+  factors), :mod:`~kfac_ext.inverse` (inverses, preconditioning, KL clip) and
+  :mod:`~kfac_ext.topology` (one process, DDP or FSDP2, chosen once);
+* :class:`KFAC` is a ``torch.optim`` optimizer (K-FAC + SGD momentum; adaptive damping in
+  :mod:`~kfac_ext.damping`);
 * :mod:`kfac_ext.layers` are the layer kinds K-FAC preconditions (a registry);
 * :mod:`kfac_ext.ops` are the batched native ops, :mod:`kfac_ext.reference` their pure-PyTorch
   twins, :mod:`kfac_ext.natural` the exact natural-gradient math for small models.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -10,8 +9,10 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .layers.base import _local, _whole, rows_of_rank
-from .preconditioner import KFACPreconditioner, Schedule, _all_finite, _value
+from .damping import AdaptiveDamping
+from .fsdp import local, rows_of_rank, whole
+from .preconditioner import KFACPreconditioner
+from .util import Schedule, value
 
 __all__ = ["KFAC"]
 
@@ -80,7 +81,7 @@ class KFAC(torch.optim.SGD):
         else:
             params = params_or_model
         self._lr_schedule = lr if callable(lr) else None
-        super().__init__(params, lr=float(_value(lr, 0)), momentum=momentum,
+        super().__init__(params, lr=float(value(lr, 0)), momentum=momentum,
                          weight_decay=weight_decay, nesterov=nesterov)
         for group in self.param_groups:  # _sgd_step implements SGD's plain update only
             unsupported = [k for k in ("maximize", "fused", "differentiable") if group.get(k)]
@@ -93,6 +94,7 @@ class KFAC(torch.optim.SGD):
         self._block_params = {id(p) for b in self.preconditioner.blocks for p in b.params()}
         self.adaptive_damping = adaptive_damping
         self.adaptive_damping_interval = adaptive_damping_interval
+        self._damping = AdaptiveDamping(self.preconditioner, adaptive_damping_interval) if adaptive_damping else None
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
@@ -104,32 +106,23 @@ class KFAC(torch.optim.SGD):
         if self._lr_schedule is not None:
             for group in self.param_groups:
                 group["lr"] = float(self._lr_schedule(self.preconditioner.steps))
-        adapt = self.adaptive_damping and self.preconditioner.steps % self.adaptive_damping_interval == 0
+        adapt = self._damping is not None and self._damping.due()
         if adapt and closure is None:
             raise ValueError("KFAC(adaptive_damping=True) needs step(closure) to evaluate the loss after the update")
-        rng = _rng_state(self.preconditioner.blocks[0].device) if adapt else None
+        rng = self._damping.rng_state() if adapt else None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         finite = self.preconditioner.step()
         others = [p.grad for p in self._params() if p.grad is not None and id(p) not in self._block_params]
-        ok = finite & self._all_finite(others) if others else finite
+        ok = finite & self.preconditioner.topology.finite(others) if others else finite
         if others:
-            self.preconditioner._count_nonfinite(finite & ~ok)  # the preconditioner counted ~finite
+            self.preconditioner.count_nonfinite(finite & ~ok)  # the preconditioner counted ~finite
         before = [p.detach().clone() for p in self._params()] if adapt else None
         self._sgd_step(ok)
         if adapt and bool(ok):
-            self._adapt_damping(self._mean_over_ranks(loss.detach()), before, closure, rng)
+            self._damping.adapt(self._params(), loss.detach(), before, closure, rng)
         return loss
-
-    def _all_finite(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """Every element of ``grads`` finite, on every rank: FSDP2 shards (DTensors) are checked
-        locally and the flag all-reduced; other gradients are the same on every rank."""
-        flag = _all_finite([_local(g) for g in grads])
-        dist_ctx = self.preconditioner._dist
-        if dist_ctx is not None and any(isinstance(g, DTensor) for g in grads):
-            flag = dist_ctx.all_finite(flag)
-        return flag
 
     def _sgd_step(self, ok: torch.Tensor) -> None:
         """``torch.optim.SGD``'s update, with its momentum buffers, taken only where the 0-d
@@ -142,8 +135,8 @@ class KFAC(torch.optim.SGD):
             if not with_grad:
                 continue
             momentum, dampening = group["momentum"], group["dampening"]
-            params = [_local(p) for p in with_grad]
-            grads = [_local(p.grad) for p in with_grad]
+            params = [local(p) for p in with_grad]
+            grads = [local(p.grad) for p in with_grad]
             if group["weight_decay"]:
                 grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
             grads = [torch.where(ok, g, 0.0) for g in grads]
@@ -154,15 +147,15 @@ class KFAC(torch.optim.SGD):
                     if state.get("momentum_buffer") is None:
                         # shaped (and sharded) like the gradient; zero if this step is skipped
                         state["momentum_buffer"] = p.grad.detach().clone()
-                        _local(state["momentum_buffer"]).copy_(g)
+                        local(state["momentum_buffer"]).copy_(g)
                     else:
-                        bufs.append(_local(state["momentum_buffer"]))
+                        bufs.append(local(state["momentum_buffer"]))
                         new_grads.append(g)
                 if bufs:
                     keep = torch.full((), momentum, dtype=torch.float64, device=ok.device)
                     torch._foreach_mul_(bufs, torch.where(ok, keep, 1.0))
                     torch._foreach_add_(bufs, new_grads, alpha=1 - dampening)
-                momenta = [_local(self.state[p]["momentum_buffer"]) for p in with_grad]
+                momenta = [local(self.state[p]["momentum_buffer"]) for p in with_grad]
                 grads = torch._foreach_add(grads, momenta, alpha=momentum) if group["nesterov"] else momenta
             # the direction times 0 or 1 (exact), then torch's own `p += -lr * d`: bit for bit SGD
             torch._foreach_add_(params, torch._foreach_mul(grads, ok.to(grads[0].dtype)), alpha=-group["lr"])
@@ -185,95 +178,12 @@ class KFAC(torch.optim.SGD):
             raise ValueError(f"KFAC: the parameters of K-FAC blocks {missing} are not in params; "
                              "pass all of the model's trainable parameters (or skip_layers those blocks)")
 
-    def _adapt_damping(self, loss_before: float, before: list[torch.Tensor], closure, rng) -> None:
-        """γ ← γ·ω if ρ > 3/4, γ / ω if ρ < 1/4, with ω = (19/20)^interval (Martens & Grosse)."""
-        precond = self.preconditioner
-        loss_after = self._mean_over_ranks(self._loss_as_before(closure, rng))
-        deltas = {id(p): p.detach() - b for p, b in zip(self._params(), before)}
-        gamma = float(precond.damping)
-        model_change = self._quadratic_model(deltas, precond.last_raw_gradients, gamma)
-        rho = (loss_after - loss_before) / model_change if model_change < 0 else -math.inf
-        omega = (19 / 20) ** self.adaptive_damping_interval
-        if rho > 0.75:
-            gamma *= omega
-        elif rho < 0.25:
-            gamma /= omega
-        precond.damping = gamma
-        precond.stats["reduction_ratio"] = rho
-
-    def _mean_over_ranks(self, loss: torch.Tensor) -> float:
-        """The loss averaged over the ranks (each saw its own batch): every rank then adapts the
-        damping alike."""
-        dist_ctx = self.preconditioner._dist
-        if dist_ctx is None:
-            return float(loss)
-        return float(dist_ctx.all_sum(loss.double().to(dist_ctx.device))) / dist_ctx.world_size
-
-    def _loss_as_before(self, closure, rng) -> torch.Tensor:
-        """L(θ + δ) computed as L(θ) was: same mode, same random numbers (dropout masks), no
-        statistics captured, and buffers (BatchNorm running stats) and RNG left as they were."""
-        precond = self.preconditioner
-        buffers = [b.detach().clone() for b in precond.model.buffers()]
-        after = _rng_state(precond.blocks[0].device)
-        _set_rng_state(rng)
-        try:
-            with torch.enable_grad(), precond.pause():
-                return closure().detach()
-        finally:
-            _set_rng_state(after)
-            for b, saved in zip(precond.model.buffers(), buffers):
-                b.copy_(saved)
-
-    def _quadratic_model(self, deltas: dict[int, torch.Tensor], raw_grads, gamma: float) -> float:
-        """M(δ) − M(0) = ∇ᵀδ + ½ δᵀ(F + γI)δ, F ≈ blockdiag(G ⊗ A) on the K-FAC blocks and 0 on
-        the parameters the base optimizer moves alone (their ∇ᵀδ and γ‖δ‖² still count: L(θ+δ)
-        sees their change too). Under FSDP2 each block's terms come from the rank that
-        preconditioned it (it holds the raw gradient whole, and gets the parameter changes whole
-        by the gradients' exchange), the other parameters' from the local shards, and the sum
-        from an all-reduce."""
-        precond = self.preconditioner
-        dist_ctx = precond._dist
-        sharded = dist_ctx is not None and dist_ctx.sharded
-        terms = torch.zeros(2, dtype=torch.float64, device=precond.blocks[0].device)  # linear, quadratic
-        factors = precond.factors()
-        blocks = precond.blocks
-        modelled_blocks = {i: [deltas[id(p)] for p in b.params()] for i, b in enumerate(blocks)
-                           if b.weight.grad is not None and b.name in factors}
-        modelled = {id(p) for i in modelled_blocks for p in blocks[i].params()}
-        if sharded:  # whole on each block's owner (every rank with grad_worker_fraction 1)
-            modelled_blocks = dict(enumerate(dist_ctx.gather_whole(blocks, modelled_blocks)))
-        else:  # (FSDP2 on one rank: DTensors, whole already)
-            modelled_blocks = {i: [_whole(d) for d in ds] for i, ds in modelled_blocks.items()}
-        for i, block_deltas in modelled_blocks.items():
-            block, grad = blocks[i], raw_grads[i]
-            if block_deltas is None or (sharded and dist_ctx.grad_owner(block) != dist_ctx.rank):
-                continue
-            dw = block.matrix(block_deltas[0], block_deltas[1] if block.bias is not None else None)
-            a, g = factors[block.name]
-            dw = dw.to(a.dtype)
-            if block.a_diagonal:
-                curvature = (g @ dw) * a
-            else:
-                curvature = precond.ops.kron_matmul([g], [dw], [a])[0]
-            terms[0] += (grad.double() * dw.double()).sum()
-            terms[1] += (dw.double() * (curvature.double() + gamma * dw.double())).sum()
-        for p in self._params():
-            if id(p) in modelled or p.grad is None or (sharded and not isinstance(p, DTensor) and dist_ctx.rank):
-                continue  # (a replicated parameter counts once)
-            d = _local(deltas[id(p)]).double()
-            terms[0] += (_local(p.grad).double() * d).sum()
-            terms[1] += gamma * (d * d).sum()
-        if sharded:
-            terms = dist_ctx.all_sum(terms)
-        linear, quad = terms.tolist()
-        return linear + 0.5 * quad
-
     def state_dict(self) -> dict[str, Any]:
         """SGD's state (momentum buffers) and the preconditioner's under ``"kfac"``. Buffers of
         FSDP2-sharded parameters are gathered whole (every rank must call this), so the
         checkpoint loads on any world size, sharded or not."""
         state = super().state_dict()
-        state["state"] = {k: {name: _whole(v) for name, v in s.items()} for k, s in state["state"].items()}
+        state["state"] = {k: {name: whole(v) for name, v in s.items()} for k, s in state["state"].items()}
         state["kfac"] = self.preconditioner.state_dict()
         return state
 
@@ -289,16 +199,4 @@ class KFAC(torch.optim.SGD):
                 rows = rows_of_rank(buffer, p).clone()
                 state["momentum_buffer"] = DTensor.from_local(rows, p.device_mesh, p.placements, run_check=False,
                                                               shape=p.shape, stride=p.stride())
-
-
-def _rng_state(device: torch.device) -> tuple:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda, device
-
-
-def _set_rng_state(state: tuple) -> None:
-    cpu, cuda, device = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
 

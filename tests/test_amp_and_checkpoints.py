@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfac_ext import KFAC, KFACPreconditioner
+from kfac_ext.inverse import tensors
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"), reason="torch.amp.GradScaler needs torch >= 2.3")
 F64 = torch.float64
@@ -117,7 +118,7 @@ def test_checkpoint_loaded_with_map_location_lands_on_the_blocks_devices():
     for block in precond.blocks:
         a, g = precond.factors()[block.name]
         assert a.device == g.device == block.device
-        assert all(t.device == block.device for side in precond._inv[block.name] for t in side)
+        assert all(t.device == block.device for side in precond.inverses.records[block.name] for t in tensors(side))
         # copies, not views of the checkpoint: later updates cannot write into it
         assert a.data_ptr() != state["kfac"]["factors"][block.name][0].data_ptr()
     assert precond.steps == 2
@@ -130,7 +131,7 @@ def test_a_copied_model_runs_unobserved():
     twin = copy.deepcopy(model)
     x, y = batch(5)
     F.cross_entropy(twin(x), y).backward()
-    assert opt.preconditioner._pending_a == {}
+    assert opt.preconditioner.capture.pending_a == {}
     torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
 
 

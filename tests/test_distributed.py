@@ -1,4 +1,4 @@
-"""Distributed K-FAC (kfac_ext.distributed) on CPU with gloo: spawned ranks vs one process.
+"""Distributed K-FAC (kfac_ext.topology) on CPU with gloo: spawned ranks vs one process.
 
 Every scenario trains the same float64 MLP for a few steps with ``KFAC``. With ``world`` ranks,
 rank ``r`` takes rows ``[r·B/world, (r+1)·B/world)`` of each step's global batch of ``B``; the
@@ -30,8 +30,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from kfac_ext import KFAC, KFACPreconditioner, Status
-from kfac_ext import distributed as kd
-from kfac_ext.layers.base import _whole as whole
+from kfac_ext import topology as kd
+from kfac_ext.fsdp import whole
+from kfac_ext.inverse import Inverse
 
 B = 12  # global batch: divisible by 2 and 3
 TOL = 1e-6
@@ -286,7 +287,8 @@ def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None =
                     p.grad.div_(world)
             if spec.get("nan_statistics") == step and rank == world - 1:
                 name = precond.blocks[0].name
-                precond._pending_a[name][0] = torch.full_like(precond._pending_a[name][0], float("inf"))
+                pending = precond.capture.pending_a
+                pending[name][0] = torch.full_like(pending[name][0], float("inf"))
             if failing is not None:
                 failing.armed = step == spec["fail"][0]
             opt.step(closure if adaptive else None)
@@ -304,7 +306,7 @@ def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None =
                 if rank == 0:
                     torch.save(state, checkpoint)
     records[-1]["warnings"] = [str(m.message) for m in messages if "KFACPreconditioner" in str(m.message)]
-    records[-1]["comm_bytes"] = dict(precond._dist.comm_bytes) if precond._dist is not None else {}
+    records[-1]["comm_bytes"] = dict(precond.topology.comm_bytes)
     return records
 
 
@@ -312,8 +314,8 @@ def held_inverses(precond: KFACPreconditioner) -> dict[tuple[str, str], torch.Te
     """``{(layer, "A" | "G"): inverse}`` of the factors whose damped inverse this rank holds as a
     matrix (the Cholesky and eigen-with-factored-damping forms; not eigenvectors, whose signs
     are arbitrary, nor the layers another rank owns)."""
-    return {(name, side): form[0].clone() for name, sides in precond._inv.items()
-            for side, form in zip("AG", sides) if len(form) == 1}
+    return {(name, side): record.matrix.clone() for name, sides in precond.inverses.records.items()
+            for side, record in zip("AG", sides) if isinstance(record, Inverse)}
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, checkpoints: str) -> None:
@@ -663,7 +665,7 @@ def test_world_size_one_process_group_is_the_single_process_path(tmp_path, name)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         model = mlp()
-        assert KFACPreconditioner(model, loss="cross_entropy")._dist is None
+        assert isinstance(KFACPreconditioner(model, loss="cross_entropy").topology, kd.Local)
         got = train(spec)
     finally:
         dist.destroy_process_group()

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import kfac_ext
-import kfac_ext.preconditioner as preconditioner_module
+import kfac_ext.capture as capture_module
 from kfac_ext import KFAC, KFACPreconditioner
+from kfac_ext.inverse import tensors
 
 F64 = torch.float64
 HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
@@ -195,10 +196,10 @@ def test_grouped_preconditioning_is_per_block_solve(backend, inversion, damping_
     for step in range(2):
         backward(model, step)
         precond.step()
-    (groups,) = precond._groups.values()
+    (groups,) = precond.inverses.cached_groups()
     assert sorted(len(indices) for indices, _, _ in groups) == [1, 1, 4]
     stacked = next(a_side for indices, a_side, _ in groups if len(indices) == 4)
-    assert stacked[0].shape[0] == 4  # [4, 13, 13] inverses (or eigenvectors)
+    assert tensors(stacked)[-1].shape[:2] == (4, 13)  # [4, 13, 13] inverses (or eigenvectors)
     factors = precond.factors()
     for block, raw in zip(precond.blocks, precond.last_raw_gradients):
         a, g = factors[block.name]
@@ -279,7 +280,7 @@ def test_identical_factors_are_inverted_once():
     names = [b.name for b in precond.blocks]
     assert names == ["attention.q", "attention.k", "attention.v", "attention.out_proj", "head"]
     assert seen == [2 * len(names) - 2]  # q, k, v: one A between them
-    a_inverses = [precond._inv[n][0][0] for n in names[:3]]
+    a_inverses = [precond.inverses.records[n][0].matrix for n in names[:3]]
     assert torch.equal(a_inverses[0], a_inverses[1]) and torch.equal(a_inverses[0], a_inverses[2])
     factors = precond.factors()
     for block, raw in zip(precond.blocks, precond.last_raw_gradients):
@@ -400,7 +401,7 @@ def test_a_masked_factor_step_reads_back_once(fisher_type):
         precond.step()
     assert reads == ["tolist"]
     assert precond.stats["factor_updates"] == 2
-    assert precond._terms == 9
+    assert precond.capture.terms == 9
 
 
 @pytest.mark.parametrize("fisher_type", ["mc", "type-2"])
@@ -414,14 +415,14 @@ def test_sampled_backward_reaches_outputs_modified_in_place(fisher_type, monkeyp
     inplace = copy.deepcopy(plain)
     inplace[1] = nn.ReLU(inplace=True)
     factors, used = [], []
-    sampling_inputs = preconditioner_module._sampling_inputs
-    monkeypatch.setattr(preconditioner_module, "_sampling_inputs",
+    sampling_inputs = capture_module.sampling_inputs
+    monkeypatch.setattr(capture_module, "sampling_inputs",
                         lambda taps: used.append(sampling_inputs(taps)) or used[-1])
     for model in (plain, inplace):
         precond = KFACPreconditioner(model, "cross_entropy", fisher_type=fisher_type, factor_dtype=F64, inv_dtype=F64)
         x, y = data(0)
         F.cross_entropy(model(x), y).backward()
-        assert precond._taps == []  # released once the sampled backward ran
+        assert precond.capture.taps == []  # released once the sampled backward ran
         assert all(p.grad is not None for p in model.parameters())  # the model's own backward
         precond.step()
         factors.append(precond.factors())

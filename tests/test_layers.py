@@ -239,11 +239,11 @@ def test_multihead_attention_grad_written_to_packed_rows():
     F.mse_loss(mha(x, x, x)[0], torch.randn(2, 3, 4, dtype=F64)).backward()
     raw_w, raw_b = mha.in_proj_weight.grad.clone(), mha.in_proj_bias.grad.clone()
     precond.step()
-    inverses = precond._inv
+    inverses = precond.inverses.records
     for i, name in enumerate("qkv"):
         rows = slice(4 * i, 4 * i + 4)
         wbar = torch.cat([raw_w[rows], raw_b[rows, None]], 1)
-        expected = inverses[name][1][0] @ wbar @ inverses[name][0][0]
+        expected = inverses[name][1].matrix @ wbar @ inverses[name][0].matrix
         torch.testing.assert_close(mha.in_proj_weight.grad[rows], expected[:, :4], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(mha.in_proj_bias.grad[rows], expected[:, 4], rtol=1e-10, atol=1e-12)
 
@@ -410,7 +410,7 @@ def test_token_cross_entropy_counts_only_labelled_tokens(reduction):
     logits = model(ids, labels=labels)
     F.cross_entropy(logits.reshape(-1, 6), labels.reshape(-1), reduction=reduction).backward()
     precond.step()
-    assert precond._terms == int(counted.sum())
+    assert precond.capture.terms == int(counted.sum())
     torch.testing.assert_close(precond.factors()["head"][1], type2_g_by_hand(model, ids, counted, reduction),
                                rtol=1e-12, atol=1e-14)
 
@@ -573,7 +573,7 @@ def test_accumulation_equals_one_big_batch():
     acc = KFACPreconditioner(model, "cross_entropy", fisher_type="type-2", factor_dtype=F64, grad_accumulation_steps=3)
     for chunk_x, chunk_y in zip(x.chunk(3), y.chunk(3)):
         (F.cross_entropy(model(chunk_x), chunk_y) / 3).backward()
-        assert all(len(v) == 1 for v in acc._pending_a.values())  # only this micro-batch is held
+        assert all(len(v) == 1 for v in acc.capture.pending_a.values())  # only this micro-batch is held
     acc.step()
     for name, (a, g) in acc.factors().items():
         torch.testing.assert_close(a, expected[name][0], rtol=1e-12, atol=1e-14)

@@ -264,7 +264,7 @@ def test_inv_update_steps_schedule(period):
     previous = None
     for precond, _ in _precond_run(7, inv_update_steps=period):
         counts.append(precond.stats["inverse_updates"])
-        q = precond._inv["0"][0][0].clone()  # (A side, G side); eigen + Tikhonov: A side = (A⁻¹,)
+        q = precond.inverses.records["0"][0].matrix.clone()  # (A side, G side); eigen + Tikhonov: Inverse(A⁻¹)
         changed.append(previous is None or not torch.equal(q, previous))
         previous = q
     assert counts == [1, 1, 1, 2, 2, 2, 3]  # inversions at steps 0, 3, 6

@@ -85,7 +85,7 @@ def test_gpt2(fisher_type, approx):
     assert {n for n, r in others.items() if "LayerNorm" in r} == {
         "transformer.h.0.ln_1", "transformer.h.0.ln_2", "transformer.h.1.ln_1", "transformer.h.1.ln_2", "transformer.ln_f"}
     # The loss counts the tokens whose next-token label is not -100 (the last position predicts nothing).
-    assert precond._terms == int((batch["labels"][:, 1:] != -100).sum())
+    assert precond.capture.terms == int((batch["labels"][:, 1:] != -100).sum())
 
 
 def test_gpt2_padding_carries_no_curvature():
@@ -133,7 +133,7 @@ def test_bert_sequence_classification(fisher_type, approx):
     embeddings = [f"bert.embeddings.{n}_embeddings" for n in ("word", "position", "token_type")]
     assert [b.name for b in precond.blocks] == embeddings + layer + ["bert.pooler.dense", "classifier"]
     assert all("LayerNorm" in reason for _, reason in precond.unregistered)
-    assert precond._terms == 6
+    assert precond.capture.terms == 6
 
 
 # ---- nn.TransformerEncoder: MultiheadAttention ------------------------------------------------

@@ -17,6 +17,7 @@ from conftest import rel_err
 from torch import nn
 
 from kfac_ext import KFAC, KFACPreconditioner
+from kfac_ext.inverse import tensors
 
 
 def mlp() -> nn.Module:
@@ -38,7 +39,7 @@ def train_step(model, opt, x, y) -> torch.Tensor:
 def snapshot(precond: KFACPreconditioner):
     """Deep copies of the factors and inverses."""
     factors = {k: (a.clone(), g.clone()) for k, (a, g) in precond.factors().items()}
-    inverses = {k: tuple(tuple(t.clone() for t in side) for side in v) for k, v in precond._inv.items()}
+    inverses = {k: tuple(tuple(t.clone() for t in tensors(side)) for side in v) for k, v in precond.inverses.records.items()}
     return factors, inverses
 
 
@@ -203,21 +204,21 @@ def test_failed_inversion_keeps_previous_inverse_and_warns_once(inversion, bad):
     assert precond.stats["failed_inversions"] == 0
     _, inverses = snapshot(precond)
     a_dim = precond.factors()["2"][0].shape[0]
-    precond._a["2"] = bad(a_dim)
+    precond.curvature.a["2"] = bad(a_dim)
 
     with pytest.warns(RuntimeWarning, match=r"factor A of block '2'") as record:
         train_step(model, opt, *batch())
     assert len(kfac_messages(record)) == 1
     assert precond.stats["failed_inversions"] == 1
     assert precond.stats["inverse_updates"] == 2
-    assert_same(precond._inv["2"][0], inverses["2"][0])  # the previous A-side inverse
+    assert_same(tensors(precond.inverses.records["2"][0]), inverses["2"][0])  # the previous A-side inverse
 
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         train_step(model, opt, *batch())
     assert kfac_messages(record) == []  # warned once per factor
     assert precond.stats["failed_inversions"] == 2
-    assert_same(precond._inv["2"][0], inverses["2"][0])
+    assert_same(tensors(precond.inverses.records["2"][0]), inverses["2"][0])
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -226,20 +227,20 @@ def test_failed_first_inversion_falls_back_to_identity():
     that side becomes the identity, so the update is ``(G + √γ I)⁻¹ ∇W̄`` for that layer."""
     model = mlp()
     precond = KFACPreconditioner(model, loss="cross_entropy", inversion="cholesky", damping=1e-8)
-    update_factors = precond._update_factors
+    update = precond.curvature.update
 
-    def corrupt(grads_finite):
-        finite = update_factors(grads_finite)
-        precond._a["0"] = -100.0 * torch.eye(7)
-        return finite
+    def corrupt(*args):
+        done = update(*args)
+        precond.curvature.a["0"] = -100.0 * torch.eye(7)
+        return done
 
-    precond._update_factors = corrupt
+    precond.curvature.update = corrupt
     x, y = batch()
     F.cross_entropy(model(x), y).backward()
     with pytest.warns(RuntimeWarning, match=r"factor A of block '0'.*identity"):
         assert precond.step()
     assert precond.stats["failed_inversions"] == 1
-    assert torch.equal(precond._inv["0"][0][0], torch.eye(7))
+    assert torch.equal(precond.inverses.records["0"][0].matrix, torch.eye(7))
     raw = precond.last_raw_gradients[0].double()
     g = precond.factors()["0"][1].double() + 1e-4 * torch.eye(8, dtype=torch.float64)
     expected = torch.linalg.solve(g, raw)

@@ -45,6 +45,42 @@ class Registration:
     blocks: list[Block] = field(default_factory=list)
     installs: list[tuple[type[LayerKind], nn.Module, list[Block]]] = field(default_factory=list)
     others: list[tuple[str, str]] = field(default_factory=list)
+    module_count: int = 0  # modules of the model when registered
+
+    def require_blocks(self) -> None:
+        if not self.blocks:
+            raise ValueError(
+                "model has no layer K-FAC preconditions (Linear, Conv1d/2d, Hugging Face Conv1D, "
+                "MultiheadAttention, Embedding); left to the base optimizer: "
+                + "; ".join(f"{n or '<model>'}: {r}" for n, r in self.others)
+            )
+
+    def check_unchanged(self, model: nn.Module) -> None:
+        """Refuses a model that gained a layer K-FAC would precondition since it was registered
+        (modules are counted first: the search runs only when the count changed)."""
+        count = sum(1 for _ in model.modules())
+        if count == self.module_count:
+            return
+        known = {b.name for b in self.blocks} | {name for name, _ in self.others}
+        for block in find_blocks(model).blocks:
+            if block.name not in known:
+                raise RuntimeError(
+                    f"KFACPreconditioner: layer {block.name!r} was added to the model after the "
+                    "preconditioner was built; build a new preconditioner"
+                )
+        self.module_count = count
+
+    def report(self) -> list[str]:
+        """The lines of a registration report: each block with its factor sizes, then what is
+        left to the base optimizer and why."""
+        lines = ["  preconditioned blocks:"]
+        for b in self.blocks:
+            a = f"A {b.a_dim} (diagonal)" if b.a_diagonal else f"A {b.a_dim}x{b.a_dim}"
+            lines.append(f"    {b.name}: {type(b.module).__name__}, {a}, G {b.g_dim}x{b.g_dim}")
+        if self.others:
+            lines.append("  left to the base optimizer:")
+            lines += [f"    {name or '<model>'}: {reason}" for name, reason in self.others]
+        return lines
 
 
 def kind_of(module: nn.Module) -> type[LayerKind] | None:
@@ -100,7 +136,7 @@ def find_blocks(
     model: nn.Module, skip=(), approx: str = "expand", max_factor_dim: int = 8192
 ) -> Registration:
     """The K-FAC blocks of ``model`` and what is left to the base optimizer (see module doc)."""
-    reg = Registration()
+    reg = Registration(module_count=sum(1 for _ in model.modules()))
     owners = _owners(model)
     claimed: set[int] = set()
     for name, module in model.named_modules():

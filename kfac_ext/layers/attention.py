@@ -64,14 +64,10 @@ class ProjectionBlock(LinearBlock):
 
     def __init__(self, name: str, module: nn.MultiheadAttention, weight: nn.Parameter, index: int, packed: bool,
                  approx: str = "expand"):
-        self.name, self.module, self.approx = name, module, approx
         e = module.embed_dim
-        self.rows = slice(index * e, (index + 1) * e)
+        self.rows = slice(index * e, (index + 1) * e)  # read by the views, before Block sets the dims
         self.packed = packed
-        self.weight = weight
-        bias = module.in_proj_bias
-        self.bias = bias if bias is not None and bias.requires_grad else None
-        self._set_dims()
+        super().__init__(name, module, approx, weight=weight, bias=module.in_proj_bias)
 
     def weight_view(self, t: Tensor) -> Tensor:
         return t[self.rows] if self.packed else t

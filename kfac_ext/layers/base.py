@@ -29,9 +29,12 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
+
+from ..fsdp import local, rows_of_rank, whole
 
 KFAC_APPROXIMATIONS = ("expand", "reduce")
+_MODULES_OWN = object()  # Block's default bias: the module's own
 
 
 class Block:
@@ -47,14 +50,14 @@ class Block:
 
     a_diagonal = False
 
-    def __init__(self, name: str, module: nn.Module, approx: str = "expand"):
+    def __init__(self, name: str, module: nn.Module, approx: str = "expand", *,
+                 weight: nn.Parameter | None = None, bias: nn.Parameter | None | object = _MODULES_OWN):
+        """``weight`` / ``bias``: the module's own ``weight`` and ``bias`` unless given (a block
+        of part of a module's parameters). A bias that is frozen is no part of the block."""
         self.name, self.module, self.approx = name, module, approx
-        self.weight: nn.Parameter = module.weight
-        bias = getattr(module, "bias", None)
+        self.weight: nn.Parameter = module.weight if weight is None else weight
+        bias = getattr(module, "bias", None) if bias is _MODULES_OWN else bias
         self.bias: nn.Parameter | None = bias if bias is not None and bias.requires_grad else None
-        self._set_dims()
-
-    def _set_dims(self) -> None:
         self.g_dim, fan_in = self.weight_view(self.weight).shape
         self.a_dim = fan_in + int(self.has_bias)
 
@@ -110,8 +113,8 @@ class Block:
         (DTensors; one rank, or every rank preconditioning every block) are gathered whole."""
         if self.weight.grad is None:
             return None
-        bias_grad = _whole(self.bias.grad) if self.bias is not None and self.bias.grad is not None else None
-        return self.matrix(_whole(self.weight.grad), bias_grad)
+        bias_grad = whole(self.bias.grad) if self.bias is not None and self.bias.grad is not None else None
+        return self.matrix(whole(self.weight.grad), bias_grad)
 
     def ensure_bias_grad(self) -> None:
         """A bias the forward did not use gets a zero gradient, so that it is written (and
@@ -123,7 +126,7 @@ class Block:
         """``[∇W | ∇b]`` as whole parameter-shaped tensors (the weight's, then the bias's), in the
         dtype of the parameters' gradients."""
         cols = self.a_dim - int(self.has_bias)
-        weight = torch.empty(self.weight.shape, dtype=_local(self.weight.grad).dtype, device=matrix.device)
+        weight = torch.empty(self.weight.shape, dtype=local(self.weight.grad).dtype, device=matrix.device)
         self.write_weight(weight, matrix[:, :cols])
         if self.bias is None:
             return [weight]
@@ -136,8 +139,8 @@ class Block:
         this rank's rows of an FSDP2-sharded gradient)."""
         self.ensure_bias_grad()
         if isinstance(self.weight.grad, DTensor):
-            for grad, whole in zip(self.grads(), self.split(matrix)):
-                grad.to_local().copy_(rows_of_rank(whole, grad))
+            for grad, whole_grad in zip(self.grads(), self.split(matrix)):
+                grad.to_local().copy_(rows_of_rank(whole_grad, grad))
             return
         cols = self.a_dim - int(self.has_bias)
         self.write_weight(self.weight.grad, matrix[:, :cols])
@@ -152,51 +155,8 @@ class Block:
         """Zeroes the gradients where the 0-d bool ``keep`` is False (decided on the device; the
         zeros replace NaNs too); this rank's shard of FSDP2 gradients."""
         for grad in self.grads():
-            local = _local(grad)
-            local.copy_(torch.where(keep, local, 0.0))
-
-
-def _whole(t: Tensor) -> Tensor:
-    """``t``, or the whole tensor of an FSDP2 shard (a DTensor; an all-gather)."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def _local(t: Tensor) -> Tensor:
-    """This rank's shard of an FSDP2 DTensor, or the tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def check_row_sharded(t: DTensor) -> None:
-    """FSDP2's default layout, the only one K-FAC handles: dim 0 sharded over a 1-D mesh."""
-    mesh, placements = t.device_mesh, t.placements
-    if mesh.ndim != 1 or len(placements) != 1 or placements[0] != Shard(0):
-        raise NotImplementedError(f"K-FAC supports FSDP2 parameters sharded on dim 0 over a 1-D mesh, "
-                                  f"got placements {placements} on a {mesh.ndim}-D mesh")
-
-
-def chunk_rows(rows: int, world: int) -> int:
-    """Rows of dim 0 per rank: FSDP2 shards as ``torch.chunk`` does, in chunks of
-    ``ceil(rows / world)`` (the last ranks' may be short or empty)."""
-    return -(-rows // world)
-
-
-def shard_rows(rows: int, world: int, rank: int) -> slice:
-    """The rows of dim 0 that ``rank`` holds."""
-    chunk = chunk_rows(rows, world)
-    return slice(min(rows, rank * chunk), min(rows, (rank + 1) * chunk))
-
-
-def rows_of_rank(whole: Tensor, sharded: DTensor) -> Tensor:
-    """The rows of ``whole`` (parameter-shaped) that this rank holds of ``sharded``."""
-    check_row_sharded(sharded)
-    mesh = sharded.device_mesh
-    mine = whole[shard_rows(whole.shape[0], mesh.size(), mesh.get_local_rank())]
-    local = sharded.to_local()
-    if mine.shape != local.shape:
-        raise RuntimeError(f"K-FAC: the FSDP2 shard of rank {mesh.get_local_rank()} has shape "
-                           f"{tuple(local.shape)}, expected {tuple(mine.shape)} (torch.chunk of "
-                           f"{tuple(whole.shape)} on dim 0)")
-    return mine
+            shard = local(grad)
+            shard.copy_(torch.where(keep, shard, 0.0))
 
 
 Record = Callable[..., None]

@@ -1,0 +1,104 @@
+"""One step's statistics: the captured micro-batches reduced to per-block sums, ``Σ ā āᵀ`` with its
+row count and ``Σ w g gᵀ``, as soon as each micro-batch ends (so that gradient accumulation holds
+one micro-batch of activations, not all of them)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from .layers import Block
+from .util import batched_by_bytes, group_by
+
+FLUSH_BYTES = 256 * 2**20  # activation rows materialised at once when reducing a micro-batch
+
+
+@dataclasses.dataclass
+class Statistics:
+    """A step's reduced micro-batches, per block name: ``Σ ā āᵀ`` and its row count, ``Σ w g gᵀ``;
+    and the number of captured forwards (micro-batches)."""
+
+    a_sum: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    a_rows: dict[str, int] = dataclasses.field(default_factory=dict)
+    g_sum: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    forwards: int = 0
+
+    def add_activations(self, items: list[tuple[Block, list[Tensor]]], ops, dtype: torch.dtype) -> None:
+        """Adds ``Σ ā āᵀ`` of each block's inputs ``xs`` (and their row count)."""
+        dense, same_rows = [], []  # blocks with rows of their own / rows another block has too
+        firsts: dict[tuple, tuple[Block, int]] = {}
+        for block, xs in items:
+            # Blocks that saw the same inputs and read them alike (q, k, v of self-attention)
+            # have the same rows: they are built, and Σ ā āᵀ reduced, once.
+            key = (tuple(id(x) for x in xs), type(block).activation_rows, block.approx, block.has_bias, block.a_dim)
+            if key in firsts:
+                first, count = firsts[key]
+                if count:
+                    self.a_rows[block.name] = self.a_rows.get(block.name, 0) + count
+                    same_rows.append((block, first))
+                continue
+            rows = _cat([block.activation_rows(x) for x in xs])
+            firsts[key] = (block, rows.shape[0])
+            if rows.shape[0] == 0:  # e.g. an expert no token was routed to
+                continue
+            self.a_rows[block.name] = self.a_rows.get(block.name, 0) + rows.shape[0]
+            if block.a_diagonal:
+                # index_add_, not bincount: bincount reads the largest index back to the host
+                counts = torch.zeros(block.a_dim, dtype=dtype, device=rows.device)
+                counts.index_add_(0, rows, torch.ones(rows.shape, dtype=dtype, device=rows.device))
+                _accumulate(self.a_sum, block.name, counts)
+            else:
+                dense.append((block, rows))
+        sums: dict[str, Tensor] = {}
+        for batch in batched_by_bytes(dense, lambda item: _nbytes(item[1]), FLUSH_BYTES):
+            totals = [torch.empty(b.a_dim, b.a_dim, dtype=dtype, device=r.device) for b, r in batch]
+            _sum_outer_products(ops, totals, [r for _, r in batch], [1.0] * len(batch), [b.has_bias for b, _ in batch])
+            sums.update((b.name, t) for (b, _), t in zip(batch, totals))
+        for block, _ in dense:
+            _accumulate(self.a_sum, block.name, sums[block.name])
+        for block, first in same_rows:
+            _accumulate(self.a_sum, block.name, sums[first.name])
+
+    def add_gradients(self, items: list[tuple[Block, list[tuple[Tensor, float | Tensor]]]], ops, dtype: torch.dtype
+                      ) -> None:
+        """Adds ``Σ w g gᵀ`` of each block's gradient rows and their weights."""
+        work = [(block, _weighted_cat(chunks)) for block, chunks in items]
+        work = [(block, (g, w)) for block, (g, w) in work if g.shape[0] > 0]
+        for batch in batched_by_bytes(work, lambda item: _nbytes(item[1][0]), FLUSH_BYTES):
+            sums = [torch.empty(b.g_dim, b.g_dim, dtype=dtype, device=g.device) for b, (g, _) in batch]
+            scales = [1.0 if isinstance(w, Tensor) else w for _, (_, w) in batch]  # the op takes host numbers
+            _sum_outer_products(ops, sums, [g for _, (g, _) in batch], scales, [False] * len(batch))
+            for (block, (_, w)), total in zip(batch, sums):
+                _accumulate(self.g_sum, block.name, total.mul_(w) if isinstance(w, Tensor) else total)
+
+
+def _sum_outer_products(ops, outs, xs, scales, append_ones) -> None:
+    """``outs[i] = scales[i] · x̄ᵀx̄`` (overwritten), one native call per activation dtype."""
+    for idx in group_by(range(len(xs)), lambda i: xs[i].dtype).values():
+        ops.factor_update_([outs[i] for i in idx], [xs[i] for i in idx], decay=0.0,
+                           scales=[scales[i] for i in idx], append_ones=[append_ones[i] for i in idx])
+
+
+def _cat(chunks: list[Tensor]) -> Tensor:
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _weighted_cat(chunks: list[tuple[Tensor, float | Tensor]]) -> tuple[Tensor, float | Tensor]:
+    """Concatenates gradient rows whose factor weights agree (the same number, or the same
+    device tensor); rows with another weight are rescaled by sqrt(weight ratio) first so one
+    weight covers all."""
+    weight = chunks[0][1]
+    same = [w is weight or not isinstance(w, Tensor) and not isinstance(weight, Tensor) and w == weight
+            for _, w in chunks]
+    rows = [g if keep else g * (w / weight) ** 0.5 for (g, w), keep in zip(chunks, same)]
+    return _cat(rows), weight
+
+
+def _accumulate(store: dict[str, Tensor], name: str, value: Tensor) -> None:
+    store[name] = store[name] + value if name in store else value

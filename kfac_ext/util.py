@@ -1,0 +1,95 @@
+"""Small helpers several parts share: schedules, finiteness on the device, grouping, batching by
+bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+T = TypeVar("T")
+
+Schedule = float | int | Callable[[int], float]
+
+
+def value(schedule: Schedule | Any, step: int):
+    """A schedule's value at ``step``: the callable's result, or the number itself."""
+    return schedule(step) if callable(schedule) else schedule
+
+
+def all_finite(tensors: list[Tensor]) -> Tensor:
+    """A 0-d bool on the device: every element of every tensor is finite. A tensor's smallest and
+    largest elements are NaN or ±inf iff it holds one: one pass per tensor (``isfinite().all()``
+    takes four) and, unlike a sum, no overflow."""
+    extremes = [torch.stack(torch.aminmax(t)).double() for t in tensors if t.numel()]
+    if not extremes:
+        return torch.ones((), dtype=torch.bool, device=tensors[0].device)
+    return torch.cat(extremes).isfinite().all()
+
+
+def group_by(items: Iterable[T], key: Callable[[T], Hashable]) -> dict[Hashable, list[T]]:
+    """``items`` by ``key``, each group in the items' order, the groups in order of first
+    appearance."""
+    groups: dict[Hashable, list[T]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return groups
+
+
+def batched_by_bytes(items: Iterable[T], nbytes: Callable[[T], int], cap: int) -> list[list[T]]:
+    """``items`` in consecutive batches of at most ``cap`` bytes each (an item larger than
+    ``cap`` gets a batch of its own), so that no single call or buffer holds everything."""
+    batches, batch, size = [], [], 0
+    for item in items:
+        n = nbytes(item)
+        if batch and size + n > cap:
+            batches.append(batch)
+            batch, size = [], 0
+        batch.append(item)
+        size += n
+    return batches + ([batch] if batch else [])
+
+
+def warn_once(seen: set[str], key: str, message: str, stacklevel: int = 3) -> None:
+    """``RuntimeWarning(message)`` the first time ``key`` is seen (``seen`` is saved in
+    checkpoints, so a resumed run does not warn again)."""
+    if key in seen:
+        return
+    seen.add(key)
+    import warnings
+
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
+
+
+class Counters(dict):
+    """The preconditioner's counters (``stats``). Steps keep the non-finite step count and the
+    KL-clip scale on the device, so that they need not synchronize; :meth:`synced` brings them
+    to the host."""
+
+    def reset(self, counters: dict) -> None:
+        self.clear()  # in place: the parts count into this dict
+        self.update(counters)
+        self._nonfinite: Tensor | None = None  # non-finite steps not yet added
+        self._kl_scale: Tensor | None = None  # the last step's clip scale, not yet read
+
+    def count_nonfinite(self, skipped: Tensor) -> None:
+        """Adds ``skipped`` (a 0-d bool on the device) to the non-finite step count, on the device."""
+        skipped = skipped.to(torch.int64)
+        self._nonfinite = skipped if self._nonfinite is None else self._nonfinite + skipped
+
+    def set_kl_scale(self, scale: Tensor | None) -> None:
+        """The last step's clip scale, on the device; None when clipping is off (scale 1)."""
+        self._kl_scale = scale
+        if scale is None:
+            self["kl_clip_scale"] = 1.0
+
+    def synced(self) -> Counters:
+        if self._nonfinite is not None:
+            self["nonfinite_grad_steps"] += int(self._nonfinite)
+            self._nonfinite = None
+        if self._kl_scale is not None:
+            self["kl_clip_scale"] = float(self._kl_scale)
+            self._kl_scale = None
+        return self
