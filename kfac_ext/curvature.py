@@ -97,13 +97,5 @@ class Curvature:
         return factors, [pi * root for pi in pis] + [root / pi for pi in pis]
 
 
-def kron_times(left: Tensor, matrix: Tensor, right: Tensor, ops) -> Tensor:
-    """``L M Rᵀ`` for symmetric ``L`` and ``R`` (the Kronecker product ``L ⊗ R`` times
-    ``vec(M)``); ``R`` a vector is a diagonal matrix (an embedding's A): it scales columns."""
-    if right.dim() == 1:
-        return (left @ matrix) * right
-    return ops.kron_matmul([left], [matrix], [right])[0]
-
-
 def _trace(factor: Tensor) -> Tensor:
     return factor.sum() if factor.dim() == 1 else factor.trace()

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .curvature import kron_times
 from .fsdp import local
+from .util import kron_times
 
 if TYPE_CHECKING:
     from .preconditioner import KFACPreconditioner

@@ -23,9 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .curvature import kron_times
 from .ops import Status
-from .util import warn_once
+from .util import kron_times, warn_once
 
 if TYPE_CHECKING:
     from .layers import Block
@@ -58,7 +57,7 @@ REMOTE = _Remote()
 InverseRecord = Inverse | EigenPair | _Remote
 
 
-def tensors(record: InverseRecord | None) -> list[Tensor]:
+def tensors(record: InverseRecord) -> list[Tensor]:
     if isinstance(record, Inverse):
         return [record.matrix]
     if isinstance(record, EigenPair):

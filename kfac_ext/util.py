@@ -1,5 +1,5 @@
 """Small helpers several parts share: schedules, finiteness on the device, grouping, batching by
-bytes."""
+bytes, warnings given once, a Kronecker product with a possibly diagonal side, the counters."""
 
 from __future__ import annotations
 
@@ -61,6 +61,14 @@ def warn_once(seen: set[str], key: str, message: str, stacklevel: int = 3) -> No
     import warnings
 
     warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
+
+
+def kron_times(left: Tensor, matrix: Tensor, right: Tensor, ops) -> Tensor:
+    """``L M Rᵀ`` for symmetric ``L`` and ``R`` (the Kronecker product ``L ⊗ R`` times
+    ``vec(M)``); ``R`` a vector is a diagonal matrix (an embedding's A): it scales columns."""
+    if right.dim() == 1:
+        return (left @ matrix) * right
+    return ops.kron_matmul([left], [matrix], [right])[0]
 
 
 class Counters(dict):
