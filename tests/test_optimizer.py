@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from conftest import assert_kfac_step, damped_condition, rel_err
 from torch import nn
 
 from kfac_ext import KFAC, KFACPreconditioner
@@ -94,20 +94,6 @@ def _kfac_run(init, data, dtype, backend, **kwargs):
         train_step(model, opt, x.to(dtype), y)
         history.append(params(model))
     return history, opt.preconditioner
-
-
-def damped_condition(a: torch.Tensor, g: torch.Tensor, damping_mode: str, gamma: float) -> float:
-    """Condition number of one layer's damped curvature as K-FAC inverts it, from the float64
-    eigenvalues of its factors: ``(A + d_A I) ⊗ (G + d_G I)`` with ``d_A = d_G = √γ``
-    ("tikhonov") or ``d_A = π√γ, d_G = √γ/π, π² = (tr A / dim A) / (tr G / dim G)`` ("pi"),
-    and ``λ_G λ_Aᵀ + γ`` ("eigen")."""
-    la = torch.linalg.eigvalsh(a.to(F64)).clamp_min(0)
-    lg = torch.linalg.eigvalsh(g.to(F64)).clamp_min(0)
-    if damping_mode == "eigen":
-        return float((la[-1] * lg[-1] + gamma) / (la[0] * lg[0] + gamma))
-    pi = math.sqrt(float(la.mean() / lg.mean())) if damping_mode == "pi" else 1.0
-    da, dg = pi * math.sqrt(gamma), math.sqrt(gamma) / pi
-    return float((la[-1] + da) / (la[0] + da) * (lg[-1] + dg) / (lg[0] + dg))
 
 
 def _random_like(t: torch.Tensor, generator: torch.Generator, norm: float) -> torch.Tensor:
@@ -199,6 +185,11 @@ def test_native_matches_reference(arch, inversion, damping_mode, dtype):
     names = [name for name, _ in init.named_parameters()]
     for name, p, p0 in zip(names, native[-1], init.parameters()):
         assert rel_err(p, p0) > 1e-3, f"{name} did not train"
+    # Both backends share all the Python and plain SGD trains too: pin that the last step (an
+    # inversion step, so the inverses come from the current factors) was K-FAC's, against a
+    # float64 recomputation from the factors, with π and the damping put on each side by hand.
+    for precond in (pn, pr):
+        assert_kfac_step(precond, precond.factors(), damping_mode=damping_mode, gamma=DAMPING)
     if dtype == F64:
         for name, p, q in zip(names, native[-1], reference[-1]):
             assert rel_err(p, q) <= 1e-10, f"{name}: native vs reference {rel_err(p, q):.2e}"
