@@ -8,6 +8,7 @@ a module-level ``OPS`` tuple, and a device whose dispatcher has no kernel for on
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 
@@ -81,6 +82,19 @@ TOL = {
     torch.float16: 1e-3,
     torch.bfloat16: 8e-3,
 }
+
+
+@contextlib.contextmanager
+def cpu_generators():
+    """While constructing a preconditioner for a model on the meta device: torch has no meta
+    generator, so ``torch.Generator(device=...)`` makes a CPU one (it only draws Monte Carlo
+    targets, which no step on meta does)."""
+    real = torch.Generator
+    torch.Generator = lambda device=None: real()
+    try:
+        yield
+    finally:
+        torch.Generator = real
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
