@@ -15,7 +15,7 @@ from torch import nn
 
 import kfac_ext
 import kfac_ext.preconditioner as preconditioner_module
-from conftest import cpu_generators
+from conftest import assert_kfac_step, cpu_generators
 from kfac_ext import KFAC, KFACPreconditioner
 
 F64 = torch.float64
@@ -267,7 +267,8 @@ def dense_update(a: torch.Tensor, g: torch.Tensor, grad: torch.Tensor, inversion
 
 @pytest.mark.parametrize("backend", ["native", "reference"])
 @pytest.mark.parametrize("inversion,damping_mode",
-                         [("eigen", "tikhonov"), ("eigen", "pi"), ("eigen", "eigen"), ("cholesky", "tikhonov")])
+                         [("eigen", "tikhonov"), ("eigen", "pi"), ("eigen", "eigen"), ("cholesky", "tikhonov"),
+                          ("cholesky", "pi")])
 def test_grouped_preconditioning_is_per_block_solve(backend, inversion, damping_mode):
     """The four same-shape hidden blocks are preconditioned as one batch (stacked inverses, one
     batched GEMM per side); every block still gets its own ``(G ⊗ A + damping)⁻¹ ∇W̄``."""
@@ -288,6 +289,24 @@ def test_grouped_preconditioning_is_per_block_solve(backend, inversion, damping_
         expected = dense_update(a, g, raw, inversion, damping_mode, 1e-2)
         got = block.grad_matrix()
         assert (got - expected).norm() / expected.norm() < 1e-10, block.name
+
+
+@pytest.mark.parametrize("inversion", ["eigen", "cholesky"])
+def test_every_inversion_replaces_the_stacked_inverses(inversion):
+    """Inverses every other step: the stacks of the same-shape blocks' inverses (and every
+    block's cached group) are rebuilt after each inversion, so that each step preconditions with
+    the factors of the last inversion, not those of the first (π-corrected damping, float64)."""
+    model = stack_model()
+    precond = KFACPreconditioner(model, "cross_entropy", inversion=inversion, damping_mode="pi", damping=1e-2,
+                                 kl_clip=None, inv_update_steps=2, factor_dtype=F64, inv_dtype=F64)
+    inverted = None
+    for step in range(5):
+        backward(model, step)
+        precond.step()
+        if step % 2 == 0:
+            inverted = {name: (a.clone(), g.clone()) for name, (a, g) in precond.factors().items()}
+        assert_kfac_step(precond, inverted, damping_mode="pi", gamma=1e-2)
+    assert precond.stats["inverse_updates"] == 3
 
 
 @pytest.mark.cuda

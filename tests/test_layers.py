@@ -563,9 +563,10 @@ def test_kfac_accepts_param_groups_with_weight_decay():
 # ---- capture that does what the user meant ----------------------------------------------------
 
 
-def type2_factors_of_one_batch(model, x, y) -> dict:
-    """The type-2 float64 factors of one plain step on ``(x, y)`` (hooks removed after)."""
-    precond = KFACPreconditioner(model, "cross_entropy", fisher_type="type-2", factor_dtype=F64)
+def type2_factors_of_one_batch(model, x, y, fisher_type="type-2") -> dict:
+    """The float64 factors (type-2 unless told) of one plain step on ``(x, y)`` (hooks removed
+    after)."""
+    precond = KFACPreconditioner(model, "cross_entropy", fisher_type=fisher_type, factor_dtype=F64)
     F.cross_entropy(model(x), y).backward()
     precond.step()
     precond.remove_hooks()
@@ -595,15 +596,18 @@ def test_pause_and_eval_and_no_grad_forwards_are_not_captured():
         torch.testing.assert_close(g, expected[name][1], rtol=0, atol=0)
 
 
-def test_accumulation_equals_one_big_batch():
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+def test_accumulation_equals_one_big_batch(fisher_type):
     """Micro-batches are reduced as they come (the activations are not kept until step()), and
-    the step's factors equal those of the concatenated batch (type-2, float64)."""
+    the step's factors equal those of the concatenated batch (float64). Under "empirical" the
+    hooks see the gradients of loss / k: the weight k²·M undoes it (k = 3 here)."""
     torch.manual_seed(17)
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
     x, y = torch.randn(12, 3, dtype=F64), torch.randint(0, 2, (12,))
-    expected = type2_factors_of_one_batch(model, x, y)
+    expected = type2_factors_of_one_batch(model, x, y, fisher_type)
 
-    acc = KFACPreconditioner(model, "cross_entropy", fisher_type="type-2", factor_dtype=F64, grad_accumulation_steps=3)
+    acc = KFACPreconditioner(model, "cross_entropy", fisher_type=fisher_type, factor_dtype=F64,
+                             grad_accumulation_steps=3)
     for chunk_x, chunk_y in zip(x.chunk(3), y.chunk(3)):
         (F.cross_entropy(model(chunk_x), chunk_y) / 3).backward()
         assert all(len(v) == 1 for v in acc._pending_a.values())  # only this micro-batch is held

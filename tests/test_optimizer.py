@@ -824,23 +824,33 @@ class LateBranch(nn.Module):
 @pytest.mark.parametrize("late_has_inverses", [False, True])
 def test_an_unused_bias_gets_a_gradient(late_has_inverses):
     """A block's bias without gradient still gets one: the bias column of the preconditioned
-    direction when the block has inverses, else zeros, so that weight decay and momentum treat
-    it as SGD treats a parameter with a zero gradient."""
+    direction of ``[∇W | 0]`` when the block has inverses (K-FAC mixes the weight's columns into
+    it through A⁻¹; pinned against a float64 recomputation with the KL clip), else zeros, so that
+    weight decay and momentum treat it as SGD treats a parameter with that gradient."""
     torch.manual_seed(0)
     model = LateBranch().double()
-    opt = KFAC(model, lr=0.1, momentum=0.0, weight_decay=0.5, loss="cross_entropy", factor_update_steps=2,
+    lr, weight_decay = 0.1, 0.5
+    opt = KFAC(model, lr=lr, momentum=0.0, weight_decay=weight_decay, loss="cross_entropy", factor_update_steps=2,
                factor_dtype=F64, inv_dtype=F64)
+    precond = opt.preconditioner
     x, y = torch.randn(8, 4, dtype=F64), torch.randint(0, 3, (8,))
-    for use_late in (late_has_inverses, True):  # step 0 updates factors, step 1 does not
+    for use_late in (late_has_inverses, True):  # step 0 updates factors (and inverts), step 1 does not
         opt.zero_grad()
         F.cross_entropy(model(x, use_late), y).backward()
         assert model.late.bias.grad is None
+        raw = {"early": torch.cat([model.early.weight.grad, model.early.bias.grad[:, None]], 1),
+               "late": torch.cat([model.late.weight.grad, torch.zeros(3, 1, dtype=F64)], 1) if use_late else None}
         bias = model.late.bias.detach().clone()
         opt.step()
-    assert ("late" in opt.preconditioner.factors()) == late_has_inverses
+    assert ("late" in precond.factors()) == late_has_inverses
+    assert [b.name for b in precond.blocks] == ["early", "late"]
+    for block, got in zip(precond.blocks, precond.last_raw_gradients):  # the last step's: late ran
+        assert torch.equal(got, raw[block.name]), f"raw ∇W̄ of {block.name}"
     grad = model.late.bias.grad
     if late_has_inverses:
-        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+        # the factors of step 0, which the inversion at step 0 used (no factor update at step 1)
+        assert_kfac_step(precond, precond.factors(), gamma=1e-3, lr=lr, kl_clip=1e-3)
+        assert grad.abs().min() > 0
     else:
         assert torch.equal(grad, torch.zeros_like(bias))
-        assert torch.allclose(model.late.bias, bias * (1 - 0.1 * 0.5), rtol=0, atol=1e-15)
+    torch.testing.assert_close(model.late.bias, bias - lr * (grad + weight_decay * bias), rtol=0, atol=1e-15)
