@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import cpu_generators, requires_cuda
 from kfac_ext import KFAC, KFACPreconditioner
 from kfac_ext.inverse import tensors
 
@@ -122,6 +123,53 @@ def test_checkpoint_loaded_with_map_location_lands_on_the_blocks_devices():
         # copies, not views of the checkpoint: later updates cannot write into it
         assert a.data_ptr() != state["kfac"]["factors"][block.name][0].data_ptr()
     assert precond.steps == 2
+
+
+def test_load_state_dict_moves_every_tensor_to_the_blocks_device():
+    """load_state_dict copies every factor and inverse to the device of the blocks: a checkpoint
+    saved on the CPU, loaded for a model on the meta device (a second device every machine has;
+    test_cpu_checkpoint_resumes_on_cuda does the same for a GPU)."""
+    _, opt = trained()
+    state = opt.state_dict()
+    meta = mlp().to("meta")
+    with cpu_generators():
+        fresh = KFAC(meta, lr=0.1, loss="cross_entropy", inv_update_steps=1)
+    fresh.load_state_dict(state)
+    precond = fresh.preconditioner
+    assert precond.factors().keys() == {"0", "2"}
+    inverses = precond.state_dict()["inverses"]
+    for block in precond.blocks:
+        a, g = precond.factors()[block.name]
+        assert a.device.type == g.device.type == "meta"
+        held = [t for side in inverses[block.name] for t in side if t is not None]
+        assert held and all(t.device.type == "meta" for t in held)
+    assert all(s["momentum_buffer"].device.type == "meta" for s in fresh.state.values())
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cpu_checkpoint_resumes_on_cuda():
+    """A checkpoint saved on the CPU resumes on a GPU: factors and inverses land on the blocks'
+    device, the Monte Carlo stream restarts (a CPU generator state does not fit a CUDA generator),
+    and the next steps train."""
+    model, opt = trained()
+    state = copy.deepcopy(opt.state_dict())
+    gpu_model = copy.deepcopy(model).cuda()
+    fresh = KFAC(gpu_model, lr=0.1, loss="cross_entropy", inv_update_steps=1)
+    with pytest.warns(RuntimeWarning, match="another device type"):
+        fresh.load_state_dict(state)
+    precond = fresh.preconditioner
+    inverses = precond.state_dict()["inverses"]
+    for block in precond.blocks:
+        assert all(f.device == block.device for f in precond.factors()[block.name])
+        assert all(t.device == block.device for side in inverses[block.name] for t in side if t is not None)
+    for i in range(2, 4):
+        x, y = batch(i)
+        fresh.zero_grad()
+        F.cross_entropy(gpu_model(x.cuda()), y.cuda()).backward()
+        fresh.step()
+    assert precond.steps == 4 and precond.stats["factor_updates"] == 4
+    assert all(torch.isfinite(p).all() for p in gpu_model.parameters())
 
 
 def test_a_copied_model_runs_unobserved():

@@ -1,8 +1,9 @@
 """Distributed K-FAC (kfac_ext.topology) on CPU with gloo: spawned ranks vs one process.
 
 Every scenario trains the same float64 MLP for a few steps with ``KFAC``. With ``world`` ranks,
-rank ``r`` takes rows ``[r·B/world, (r+1)·B/world)`` of each step's global batch of ``B``; the
-reference is one process (no process group) on the whole batch. The ranks of one world size
+rank ``r`` takes rows ``[r·B/world, (r+1)·B/world)`` of each step's global batch of ``B`` (the
+"unequal" scenario splits it unevenly); the reference is one process (no process group) on the
+whole batch. The ranks of one world size
 run all their scenarios in a single spawn (start-up dominates the cost), write what they saw
 after every step to files, and the tests compare: factors, preconditioned gradients and
 parameters within 1e-6 relative of the reference, bitwise equal across ranks.
@@ -178,15 +179,31 @@ SCENARIOS = {
     # MixedPrecisionPolicy(param_dtype=bf16): bf16 forward and backward, float32 factors.
     "fsdp-bf16": dict(kfac={**kfac_args(None, "eigen", "type-2"), "factor_dtype": torch.float32,
                             "inv_dtype": torch.float32}, wrap="fsdp", steps=4, bf16=True, reference=False),
+    # Unequal per-rank batches (split: the row bounds per world size, 4 + 8 rows on 2 ranks,
+    # 2 + 3 + 7 on 3): each rank's statistics are its own batch's (A over its rows, G with
+    # w = 1/M of its own loss) and the factors their mean over the ranks (module docstring of
+    # kfac_ext.topology), not the whole batch's; so there is no single-process twin, and
+    # test_unequal_batches_average_each_ranks_own_statistics checks the factors. Recorded after
+    # the golden values were (golden=False).
+    "unequal": dict(kfac=kfac_args("a", "eigen", "type-2"), wrap="ddp", steps=3, split={2: [0, 4, 12], 3: [0, 2, 5, 12]},
+                    reference=False, golden=False),
 }
 RUNS = {
     2: ["a-eigen-type2", "b-cholesky-empirical", "nan-input", "nan-statistics", "fail-a", "fail-b",
         "ckpt-a", "ckpt-b", "mc", "fsdp-a-eigen-type2", "fsdp-b-cholesky-empirical", "fsdp-nan-input",
         "fsdp-mc", "fsdp-bf16", "fsdp-ckpt", "fsdp-inplace-type2", "adaptive", "fsdp-adaptive", "fsdp-gpt2",
-        "fsdp-resnet18"],
+        "fsdp-resnet18", "unequal"],
     3: ["a-cholesky-empirical-manual", "b-eigen-type2", "subgroup", "fsdp-a-eigen-type2", "fsdp-inplace-type2",
-        "fsdp-resume", "fsdp-adaptive", "fsdp-gpt2", "fsdp-empty-shard"],
+        "fsdp-resume", "fsdp-adaptive", "fsdp-gpt2", "fsdp-empty-shard", "unequal"],
 }
+
+
+def rows_of(spec: dict, rank: int, world: int) -> slice:
+    """Rank ``rank``'s rows of each step's global batch: equal shares, or the spec's ``split``."""
+    bounds = spec.get("split", {}).get(world) if world > 1 else None
+    if bounds is None:
+        return slice(rank * B // world, (rank + 1) * B // world)
+    return slice(bounds[rank], bounds[rank + 1])
 
 
 class FailingInversion:
@@ -247,7 +264,7 @@ def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None =
     failing = None
     if "fail" in spec:
         failing = precond.ops = FailingInversion(precond.ops, spec["fail"][1])
-    rows = slice(rank * B // world, (rank + 1) * B // world)
+    rows = rows_of(spec, rank, world)
     records = []
     with warnings.catch_warnings(record=True) as messages:
         warnings.simplefilter("always")
@@ -485,7 +502,8 @@ def golden():
     g.save()
 
 
-@pytest.mark.parametrize("world,name", [(w, n) for w, names in RUNS.items() for n in names])
+@pytest.mark.parametrize("world,name", [(w, n) for w, names in RUNS.items() for n in names
+                                        if SCENARIOS[n].get("golden", True)])
 def test_scenarios_match_golden(runs, golden, world, name):
     """Every scenario's parameters, factors and statistics on rank 0 after its last step, as the
     code before the preconditioner's split computed them (tests/golden.py)."""
@@ -493,19 +511,18 @@ def test_scenarios_match_golden(runs, golden, world, name):
     golden.check(f"world{world}-{name}", dict(params=last["params"], factors=last["factors"], stats=last["stats"]))
 
 
-def _mc_factors_per_rank(records: list[dict], world: int, seeds: list[int]) -> list[dict]:
-    """The "mc" scenarios' factors after each step, from single processes: process ``r`` sees
-    rank ``r``'s rows with Monte Carlo seed ``seeds[r]`` and, before each step, the parameters
-    the distributed run had (``records``: a rank's records); its factors are averaged over the
-    processes (the EMA is linear, so averaging the per-process averages is averaging the
-    statistics)."""
-    spec = SCENARIOS["mc"]["kfac"]
+def _single_process_factors(records: list[dict], name: str, rows: list[slice], seeds: list[int]) -> list[dict]:
+    """Scenario ``name``'s factors after each step as single processes see them: process ``r``
+    sees ``rows[r]`` of each step's global batch with Monte Carlo seed ``seeds[r]`` and, before
+    each step, the parameters the distributed run had (``records``: a rank's records); its
+    factors are averaged over the processes (the EMA is linear and starts from the first step's
+    statistics, so averaging the per-process averages is averaging the statistics)."""
+    spec = SCENARIOS[name]["kfac"]
     per_process = []
-    for r, seed in enumerate(seeds):
+    for r, seed in zip(range(len(rows)), seeds):
         model = mlp()
-        precond = KFACPreconditioner(model, loss=spec["loss"], fisher_type="mc", seed=seed,
+        precond = KFACPreconditioner(model, loss=spec["loss"], fisher_type=spec["fisher_type"], seed=seed,
                                      factor_dtype=F64, inv_dtype=F64)
-        rows = slice(r * B // world, (r + 1) * B // world)
         steps = []
         for step in range(len(records)):
             if step > 0:
@@ -514,12 +531,19 @@ def _mc_factors_per_rank(records: list[dict], world: int, seeds: list[int]) -> l
                         p.copy_(q)
             x, y = global_batch(step)
             model.zero_grad()
-            F.cross_entropy(model(x[rows]), y[rows]).backward()
+            F.cross_entropy(model(x[rows[r]]), y[rows[r]]).backward()
             precond.step()
             steps.append({k: (a.clone(), g.clone()) for k, (a, g) in precond.factors().items()})
         per_process.append(steps)
-    return [{k: tuple(sum(p[step][k][side] for p in per_process) / world for side in range(2))
+    return [{k: tuple(sum(p[step][k][side] for p in per_process) / len(rows) for side in range(2))
              for k in per_process[0][step]} for step in range(len(records))]
+
+
+def _mc_factors_per_rank(records: list[dict], world: int, seeds: list[int]) -> list[dict]:
+    """The "mc" scenarios' factors from single processes, process ``r`` on rank ``r``'s rows with
+    seed ``seeds[r]`` (_single_process_factors)."""
+    rows = [rows_of(SCENARIOS["mc"], r, world) for r in range(world)]
+    return _single_process_factors(records, "mc", rows, seeds)
 
 
 @pytest.mark.parametrize("name", ["mc", "fsdp-mc"])
@@ -543,6 +567,34 @@ def test_mc_factors_average_each_ranks_own_samples(runs, name):
             assert rel(a, want[k][0]) < 1e-13, f"step {step}: A of layer {k}"
             assert rel(g, want[k][1]) < 1e-13, f"step {step}: G of layer {k}"
             assert rel(g, shared[k][1]) > 1e-2, f"step {step}: G of layer {k} as if all ranks drew rank 0's samples"
+
+
+@pytest.mark.parametrize("world", RUNS)
+def test_unequal_batches_average_each_ranks_own_statistics(runs, world):
+    """Unequal per-rank batches (2 ranks: 4 + 8 rows; 3 ranks: 2 + 3 + 7): the factors after each
+    step are the mean over the ranks of each rank's own statistics (A over its rows, G weighted
+    by 1/M of its own mean loss), as the module docstring of kfac_ext.topology says, from
+    single processes on each rank's rows. The whole batch's statistics (one process on all 12
+    rows) are other matrices: every factor differs from them by over 1e-3 (measured: 3.5e-3 for
+    the last layer's G, 4e-2 and more for the rest), ten orders of magnitude above the tolerance.
+
+    Tolerance: as in test_mc_factors_average_each_ranks_own_samples (float64 sums of at most 8
+    rows, averaged over 3 ranks, an EMA over 3 steps, in another order): 1e-13."""
+    name = "unequal"
+    per_rank = runs[0][world][name]
+    assert_ranks_identical(per_rank, name)
+    records = per_rank[0]
+    bounds = SCENARIOS[name]["split"][world]
+    own = _single_process_factors(records, name, [slice(bounds[r], bounds[r + 1]) for r in range(world)], [0] * world)
+    whole = _single_process_factors(records, name, [slice(0, B)], [0])
+    for step, (record, want, pooled) in enumerate(zip(records, own, whole)):
+        assert record["factors"].keys() == want.keys() == {"0", "2", "4"}
+        for k, (a, g) in record["factors"].items():
+            assert rel(a, want[k][0]) < 1e-13, f"step {step}: A of layer {k}"
+            assert rel(g, want[k][1]) < 1e-13, f"step {step}: G of layer {k}"
+            assert rel(a, pooled[k][0]) > 1e-3 and rel(g, pooled[k][1]) > 1e-3, \
+                f"step {step}: layer {k}'s factors do not tell the ranks' batches from the whole batch"
+    assert records[-1]["stats"]["factor_updates"] == SCENARIOS[name]["steps"]
 
 
 def test_fsdp_bf16_compute_keeps_float32_factors(runs):

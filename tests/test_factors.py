@@ -187,25 +187,32 @@ def _flat_wbar_perm(d_in: int, d_out: int) -> torch.Tensor:
     return torch.tensor(idx)
 
 
+USER_LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss, "bce_with_logits": F.binary_cross_entropy_with_logits}
+
+
 @pytest.mark.parametrize("loss_name", ["cross_entropy", "mse", "bce_with_logits"])
 def test_kfac_equals_exact_fisher_block_for_one_layer_on_one_input(loss_name):
-    """One Linear layer, one input: the Fisher is exactly G ⊗ A (row-major vec(W̄))."""
+    """One Linear layer, one input (three copies of it, so that the mean's 1/M counts): the Fisher
+    is exactly G ⊗ A (row-major vec(W̄)). The reference is ``Jᵀ (∇²_z L) J`` with the Hessian of
+    the loss as the user computes it (torch.nn.functional's, mean over the examples) by double
+    backward, never through kfac_ext.losses."""
     layer = nn.Linear(4, 3).double()
-    x = torch.randn(1, 4, dtype=torch.float64)
-    loss = make_loss(loss_name)
+    x = torch.randn(1, 4, dtype=torch.float64).expand(3, 4)
+    y = make_targets(loss_name, layer(x))
+    user_loss = USER_LOSSES[loss_name]
     params = (layer.weight.detach(), layer.bias.detach())
 
     def output(w, b):
-        return F.linear(x, w, b)[0]
+        return F.linear(x, w, b).reshape(-1)
 
-    jac_w, jac_b = torch.autograd.functional.jacobian(output, params)
-    jac = torch.cat([jac_w.reshape(3, -1), jac_b], 1)[:, _flat_wbar_perm(4, 3)]  # [3, 15] in vec(W̄) order
-    hessian = loss.hessian(layer(x).detach())[0]
+    jac_w, jac_b = torch.autograd.functional.jacobian(output, params)  # [9, 3, 4], [9, 3]
+    jac = torch.cat([jac_w.reshape(9, -1), jac_b], 1)[:, _flat_wbar_perm(4, 3)]  # [9, 15] in vec(W̄) order
+    z = layer(x).detach()
+    hessian = torch.autograd.functional.hessian(lambda out: user_loss(out, y), z).reshape(9, 9)
     exact = jac.T @ hessian @ jac
 
-    y = make_targets(loss_name, layer(x))
     precond = KFACPreconditioner(layer, loss_name, fisher_type="type-2", factor_dtype=torch.float64, inv_dtype=torch.float64)
-    loss(layer(x), y).backward()
+    user_loss(layer(x), y).backward()
     precond.step()
     a, g = precond.factors()[""]
     torch.testing.assert_close(torch.kron(g, a), exact, rtol=1e-10, atol=1e-12)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -14,32 +15,72 @@ from torch import nn
 
 import kfac_ext
 import kfac_ext.capture as capture_module
+from conftest import assert_kfac_step, cpu_generators
 from kfac_ext import KFAC, KFACPreconditioner
 from kfac_ext.inverse import tensors
 
 F64 = torch.float64
-HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+#: Tensor methods through which a value reaches Python or the host (on CUDA each one is a
+#: device-to-host copy and a synchronization); Tensor.to naming the CPU is guarded too (see _to_host).
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__complex__")
+#: torch functions that return a Python value computed from tensors' elements.
+HOST_READ_FUNCTIONS = ("equal", "allclose", "is_nonzero")
+
+
+def _kfac_ext_on_stack() -> bool:
+    """Whether kfac_ext's code is on the call stack: the read is kfac_ext's, made directly or
+    through torch's Python code (a tensor hook, a warning that formats a tensor). The test's own
+    reads of CPU tensors are not."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").partition(".")[0] == "kfac_ext":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _to_host(args, kwargs) -> bool:
+    """Whether ``Tensor.to(*args, **kwargs)`` names the CPU as its target device. The tests'
+    models live on the CPU, so this cannot tell a copy to the host from a move to the blocks'
+    own device; the steady-state step needs neither (test_steady_state_step_on_meta_moves_nothing_to_the_host
+    checks every device-to-host path on a device that has no host copy at all)."""
+    for target in (*args[:1], kwargs.get("device")):
+        if isinstance(target, (str, torch.device)):
+            try:
+                if torch.device(target).type == "cpu":
+                    return True
+            except (RuntimeError, TypeError):  # a string that is no device
+                continue
+    return False
 
 
 @contextlib.contextmanager
 def host_reads(on_read):
-    """Inside the block, every way a tensor's value reaches Python (on CUDA each of them is a
-    device synchronization) first calls ``on_read(name)``."""
-    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+    """Inside the block, every way kfac_ext can bring a tensor's value to Python or to the host
+    (HOST_READS, HOST_READ_FUNCTIONS, ``Tensor.to`` the CPU) first calls ``on_read(name)``;
+    the same calls made by the test itself go through unseen."""
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS + ("to",)}
+    saved_functions = {name: getattr(torch, name) for name in HOST_READ_FUNCTIONS}
 
-    def patched(name):
-        def read(self, *args, **kwargs):
-            on_read(name)
-            return saved[name](self, *args, **kwargs)
+    def patched(name, original, check=None):
+        def read(*args, **kwargs):
+            if (check is None or check(args[1:], kwargs)) and _kfac_ext_on_stack():
+                on_read(name)
+            return original(*args, **kwargs)
         return read
 
     for name in HOST_READS:
-        setattr(torch.Tensor, name, patched(name))
+        setattr(torch.Tensor, name, patched(name, saved[name]))
+    torch.Tensor.to = patched("to", saved["to"], _to_host)
+    for name, function in saved_functions.items():
+        setattr(torch, name, patched(name, function))
     try:
         yield
     finally:
         for name, method in saved.items():
             setattr(torch.Tensor, name, method)
+        for name, function in saved_functions.items():
+            setattr(torch, name, function)
 
 
 def _forbid(name):
@@ -47,22 +88,34 @@ def _forbid(name):
 
 
 def no_host_reads():
-    """Every host read raises."""
+    """Every host read kfac_ext makes raises."""
     return host_reads(_forbid)
 
 
 def counted_host_reads(reads: list):
-    """Every host read is recorded in ``reads`` and goes through."""
+    """Every host read kfac_ext makes is recorded in ``reads`` and goes through."""
     return host_reads(reads.append)
 
 
+def as_if_in_kfac_ext(fn):
+    """``fn`` called from a frame of a module named like one of kfac_ext's."""
+    scope = {"__name__": "kfac_ext._probe", "fn": fn}
+    exec("def call():\n    return fn()", scope)
+    return scope["call"]
+
+
 def test_no_host_reads_catches_them():
+    t = torch.ones(2)
+    reads = (lambda: bool(t.all()), lambda: float(t.sum()), lambda: t.sum().item(), lambda: t.tolist(),
+             lambda: int(t[0]), lambda: math.sqrt(t.sum()), lambda: t.cpu(), lambda: t.to("cpu"),
+             lambda: t.to(device=torch.device("cpu"), dtype=F64), lambda: t.numpy(), lambda: torch.equal(t, t),
+             lambda: f"{t}", lambda: t.double().to("cpu", copy=True))
     with no_host_reads():
-        t = torch.ones(2)
-        for read in (lambda: bool(t.all()), lambda: float(t.sum()), lambda: t.sum().item(),
-                     lambda: t.tolist(), lambda: int(t[0]), lambda: math.sqrt(t.sum())):
+        for read in reads:
+            read()  # the test's own reads of its CPU tensors
             with pytest.raises(AssertionError, match="read a value back"):
-                read()
+                as_if_in_kfac_ext(read)()
+        as_if_in_kfac_ext(lambda: (t.to(F64), t.to(t), t + 1, t.sum()))()  # no value leaves the device
 
 
 def stack_model() -> nn.Module:
@@ -143,6 +196,36 @@ def test_steady_state_kfac_step_reads_nothing_back_and_skips_on_device():
     assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
+@pytest.mark.parametrize("inversion,damping_mode", [("eigen", "tikhonov"), ("eigen", "eigen"), ("cholesky", "pi")])
+def test_steady_state_step_on_meta_moves_nothing_to_the_host(inversion, damping_mode):
+    """A tensor on the meta device has no data: every way of bringing its value to the host
+    raises (``.cpu()``, ``.to("cpu")``, ``.item()``, ``.tolist()``, ``.numpy()``, ``bool()``, a
+    copy into a CPU tensor, ...). So a steady-state KFAC step (forward, backward, preconditioner
+    and SGD step, KL clip, momentum and weight decay on) of a model on meta checks on any machine
+    what test_steady_state_step_on_cuda_never_synchronizes checks on a GPU, whichever way a value
+    would travel. The state comes from a CPU run through state_dict / load_state_dict, which
+    moves it to the blocks' (meta) device."""
+    kwargs = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, loss="cross_entropy", inversion=inversion,
+                  damping_mode=damping_mode, factor_update_steps=2, inv_update_steps=4, factor_dtype=F64,
+                  inv_dtype=F64)
+    model = stack_model()
+    opt = KFAC(model, **kwargs)
+    for step in range(3):  # factor steps 0 and 2, an inversion at 0
+        backward(model, step)
+        opt.step()
+    meta = stack_model().to("meta")
+    with cpu_generators():
+        meta_opt = KFAC(meta, **kwargs)
+    meta_opt.load_state_dict(opt.state_dict())
+    x, y = (t.to("meta") for t in data(3))
+    with no_host_reads():
+        meta_opt.zero_grad()
+        F.cross_entropy(meta(x), y).backward()
+        meta_opt.step()
+    assert meta_opt.preconditioner.steps == 4
+    assert all(p.device.type == "meta" and p.grad.device.type == "meta" for p in meta.parameters())
+
+
 def test_kfac_sgd_step_is_torch_sgd():
     """The device-masked SGD step KFAC takes is torch.optim.SGD's (momentum, Nesterov, weight
     decay), buffers included: same parameters after several steps on the same gradients."""
@@ -185,7 +268,8 @@ def dense_update(a: torch.Tensor, g: torch.Tensor, grad: torch.Tensor, inversion
 
 @pytest.mark.parametrize("backend", ["native", "reference"])
 @pytest.mark.parametrize("inversion,damping_mode",
-                         [("eigen", "tikhonov"), ("eigen", "pi"), ("eigen", "eigen"), ("cholesky", "tikhonov")])
+                         [("eigen", "tikhonov"), ("eigen", "pi"), ("eigen", "eigen"), ("cholesky", "tikhonov"),
+                          ("cholesky", "pi")])
 def test_grouped_preconditioning_is_per_block_solve(backend, inversion, damping_mode):
     """The four same-shape hidden blocks are preconditioned as one batch (stacked inverses, one
     batched GEMM per side); every block still gets its own ``(G ⊗ A + damping)⁻¹ ∇W̄``."""
@@ -206,6 +290,24 @@ def test_grouped_preconditioning_is_per_block_solve(backend, inversion, damping_
         expected = dense_update(a, g, raw, inversion, damping_mode, 1e-2)
         got = block.grad_matrix()
         assert (got - expected).norm() / expected.norm() < 1e-10, block.name
+
+
+@pytest.mark.parametrize("inversion", ["eigen", "cholesky"])
+def test_every_inversion_replaces_the_stacked_inverses(inversion):
+    """Inverses every other step: the stacks of the same-shape blocks' inverses (and every
+    block's cached group) are rebuilt after each inversion, so that each step preconditions with
+    the factors of the last inversion, not those of the first (π-corrected damping, float64)."""
+    model = stack_model()
+    precond = KFACPreconditioner(model, "cross_entropy", inversion=inversion, damping_mode="pi", damping=1e-2,
+                                 kl_clip=None, inv_update_steps=2, factor_dtype=F64, inv_dtype=F64)
+    inverted = None
+    for step in range(5):
+        backward(model, step)
+        precond.step()
+        if step % 2 == 0:
+            inverted = {name: (a.clone(), g.clone()) for name, (a, g) in precond.factors().items()}
+        assert_kfac_step(precond, inverted, damping_mode="pi", gamma=1e-2)
+    assert precond.stats["inverse_updates"] == 3
 
 
 @pytest.mark.cuda

@@ -259,106 +259,139 @@ def test_attention_tap_restores_linear_even_on_error():
     assert F.linear is original
 
 
-# ---- one layer, one example: K-FAC is the exact Fisher block -----------------------------------
+# ---- one layer: K-FAC is the exact Fisher block where the theory says so ------------------------
+#
+# The reference never goes through kfac_ext.losses (whose Hessian square root type-2 K-FAC itself
+# uses): it is the Hessian of the loss as the user computes it (F.cross_entropy / F.mse_loss with
+# their reduction) w.r.t. all the model's outputs, by double backward, between the Jacobians of
+# the outputs w.r.t. the block's W̄ (a generalised Gauss-Newton block: the Fisher of these
+# likelihoods). Every case has N = 3 examples, so that a mean's 1/M is exercised; the examples'
+# terms differ (through a fixed offset per example added to the logits) where the block's input
+# must be the same in every example for K-FAC to be exact.
+
+N_EXAMPLES = 3
 
 
-def exact_block_fisher(model, block, x, loss) -> torch.Tensor:
-    """``Jᵀ H J`` of the block's ``vec(W̄)`` (row-major) for the single example ``x``."""
+def user_loss(loss_name: str, reduction: str, targets: torch.Tensor):
+    """The loss as a user writes it, a function of the model's output."""
+    if loss_name == "cross_entropy":
+        return lambda z: F.cross_entropy(z, targets, reduction=reduction)
+    return lambda z: F.mse_loss(z, targets, reduction=reduction)
+
+
+def exact_block_fisher(model, block, x, loss_fn) -> torch.Tensor:
+    """``Jᵀ (∇²_z L) J`` for the block's ``vec(W̄)`` (row-major): ``J = ∂z/∂vec(W̄)`` of every
+    element of ``z = model(x)``, ``L = loss_fn(z)`` differentiated twice by autograd (double backward)."""
     params = dict(model.named_parameters())
     names = {id(p): n for n, p in params.items()}
     w_name = names[id(block.weight)]
     b_name = names[id(block.bias)] if block.bias is not None else None
 
-    def logits(w, b):
+    def outputs(w, b):
         replaced = {w_name: w} | ({b_name: b} if b_name else {})
-        return torch.func.functional_call(model, replaced, (x,)).reshape(-1)
+        return torch.func.functional_call(model, replaced, (x,))
 
-    b0 = block.bias.detach() if block.bias is not None else torch.zeros(0, dtype=F64)
-    jw, jb = torch.autograd.functional.jacobian(logits, (block.weight.detach(), b0))
-    rows = [block.matrix(jw[o], jb[o] if b_name else None).reshape(-1) for o in range(jw.shape[0])]
-    jac = torch.stack(rows)  # [D, g·a] in vec(W̄) order
     z = model(x).detach()
-    hessian = loss.hessian(z.reshape(1, -1))[0]
+    d = z.numel()
+    b0 = block.bias.detach() if block.bias is not None else torch.zeros(0, dtype=F64)
+    jw, jb = torch.autograd.functional.jacobian(outputs, (block.weight.detach(), b0))
+    jw, jb = jw.reshape(d, *block.weight.shape), jb.reshape(d, *b0.shape)
+    jac = torch.stack([block.matrix(jw[o], jb[o] if b_name else None).reshape(-1) for o in range(d)])  # [d, g·a]
+    hessian = torch.autograd.functional.hessian(loss_fn, z).reshape(d, d)
     return jac.T @ hessian @ jac
 
 
-def kfac_block(model, name, x, loss_name, approx="expand", reduction="mean"):
+def kfac_block(model, name, x, loss_name, targets, approx="expand", reduction="mean"):
+    """Block ``name`` and its type-2 ``G ⊗ A`` after one step on ``user_loss(...)(model(x))``."""
     precond = KFACPreconditioner(model, loss_name, reduction=reduction, fisher_type="type-2", kfac_approx=approx,
                                  factor_dtype=F64, inv_dtype=F64)
-    out = model(x)
-    loss = make_loss(loss_name, reduction)
-    target = torch.zeros(out.shape[0], dtype=torch.long) if loss_name == "cross_entropy" else torch.zeros_like(out)
-    loss(out, target).backward()
+    user_loss(loss_name, reduction, targets)(model(x)).backward()
     precond.step()
+    precond.remove_hooks()
+    model.zero_grad()
     block = next(b for b in precond.blocks if b.name == name)
     a, g = precond.factors()[name]
     return block, torch.kron(g, torch.diag(a) if a.dim() == 1 else a)
 
 
-class Pick(nn.Module):
-    """Wraps a module whose output needs reshaping into ``[1, D]`` logits."""
+class Offset(nn.Module):
+    """``fn(inner(x)) + offset``: ``[N, D]`` logits, with a fixed offset per example (a buffer), so
+    that examples with the same input to ``inner`` still have different loss curvatures."""
 
-    def __init__(self, inner, fn):
+    def __init__(self, inner, fn, classes: int):
         super().__init__()
         self.inner, self.fn = inner, fn
+        self.register_buffer("offset", 2 * torch.randn(N_EXAMPLES, classes, dtype=F64))
 
     def forward(self, x):
-        return self.fn(self.inner(x))
+        return self.fn(self.inner(x)) + self.offset
 
 
-def test_exact_fisher_embedding_one_token():
+def classes_of(n: int) -> torch.Tensor:
+    return torch.randint(0, n, (N_EXAMPLES,))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_exact_fisher_embedding_one_token(reduction):
     torch.manual_seed(8)
-    model = Pick(nn.Embedding(5, 4).double(), lambda z: z.reshape(1, -1))
-    x = torch.tensor([3])
-    block, kfac = kfac_block(model, "inner", x, "cross_entropy")
-    torch.testing.assert_close(kfac, exact_block_fisher(model, block, x, make_loss("cross_entropy")), rtol=1e-10, atol=1e-12)
+    model = Offset(nn.Embedding(5, 4).double(), lambda z: z, 4)
+    x, y = torch.tensor([3] * N_EXAMPLES), classes_of(4)
+    block, kfac = kfac_block(model, "inner", x, "cross_entropy", y, reduction=reduction)
+    exact = exact_block_fisher(model, block, x, user_loss("cross_entropy", reduction, y))
+    torch.testing.assert_close(kfac, exact, rtol=1e-10, atol=1e-12)
 
 
 def test_exact_fisher_hf_conv1d_one_input():
     pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
     torch.manual_seed(9)
-    model = pytorch_utils.Conv1D(3, 4).double()
-    nn.init.normal_(model.bias)
-    x = torch.randn(1, 4, dtype=F64)
-    block, kfac = kfac_block(model, "", x, "cross_entropy")
-    torch.testing.assert_close(kfac, exact_block_fisher(model, block, x, make_loss("cross_entropy")), rtol=1e-10, atol=1e-12)
+    layer = pytorch_utils.Conv1D(3, 4).double()
+    nn.init.normal_(layer.bias)
+    model = Offset(layer, lambda z: z, 3)
+    x, y = torch.randn(1, 4, dtype=F64).expand(N_EXAMPLES, 4), classes_of(3)
+    block, kfac = kfac_block(model, "inner", x, "cross_entropy", y)
+    exact = exact_block_fisher(model, block, x, user_loss("cross_entropy", "mean", y))
+    torch.testing.assert_close(kfac, exact, rtol=1e-10, atol=1e-12)
 
 
 def test_exact_fisher_conv1d_reduce_with_mean_pooling_not_expand():
-    """A convolution followed by mean pooling is the reduce setting: K-FAC-reduce is exact for one
-    example, K-FAC-expand is not (Eschenhagen et al. 2023, §3)."""
+    """A convolution followed by mean pooling is the reduce setting: K-FAC-reduce is exact when
+    every example has the same input, K-FAC-expand is not (Eschenhagen et al. 2023, §3)."""
     torch.manual_seed(10)
-    model = Pick(nn.Conv1d(2, 3, 3).double(), lambda z: z.mean(-1))
-    x = torch.randn(1, 2, 7, dtype=F64)
-    block, reduce = kfac_block(model, "inner", x, "cross_entropy", approx="reduce")
-    exact = exact_block_fisher(model, block, x, make_loss("cross_entropy"))
+    model = Offset(nn.Conv1d(2, 3, 3).double(), lambda z: z.mean(-1), 3)
+    x, y = torch.randn(1, 2, 7, dtype=F64).expand(N_EXAMPLES, 2, 7), classes_of(3)
+    block, reduce = kfac_block(model, "inner", x, "cross_entropy", y, approx="reduce")
+    exact = exact_block_fisher(model, block, x, user_loss("cross_entropy", "mean", y))
     torch.testing.assert_close(reduce, exact, rtol=1e-10, atol=1e-12)
-    _, expand = kfac_block(model, "inner", x, "cross_entropy", approx="expand")
+    _, expand = kfac_block(model, "inner", x, "cross_entropy", y, approx="expand")
     assert (expand - exact).abs().max() > 1e-3 * exact.abs().max()
 
 
-def test_exact_fisher_linear_expand_per_position_mse():
-    """A Linear applied per position with a per-position loss of constant Hessian (sum of
-    squares) is the expand setting: K-FAC-expand is exact for one example."""
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_exact_fisher_linear_expand_per_position_mse(reduction):
+    """A Linear applied per position with a per-position loss of constant Hessian (squared error)
+    is the expand setting: K-FAC-expand is exact, here for three different inputs (F.mse_loss's
+    mean divides by N·T·D: its per-example term carries 1/(T·D), and M = N)."""
     torch.manual_seed(11)
     model = nn.Linear(3, 2).double()
-    x = torch.randn(1, 5, 3, dtype=F64)
-    block, expand = kfac_block(model, "", x, "mse", reduction="sum")
-    torch.testing.assert_close(expand, exact_block_fisher(model, block, x, make_loss("mse", "sum")), rtol=1e-10, atol=1e-12)
+    x, y = torch.randn(N_EXAMPLES, 5, 3, dtype=F64), torch.randn(N_EXAMPLES, 5, 2, dtype=F64)
+    block, expand = kfac_block(model, "", x, "mse", y, reduction=reduction)
+    exact = exact_block_fisher(model, block, x, user_loss("mse", reduction, y))
+    torch.testing.assert_close(expand, exact, rtol=1e-10, atol=1e-12)
 
 
 def test_exact_fisher_attention_one_token():
     """One token: attention is linear in v (softmax over one key is 1), so the v and out_proj
-    blocks are exact, and q, k carry no curvature (G = 0)."""
+    blocks are exact (the same token in every example), and q, k carry no curvature (G = 0)."""
     torch.manual_seed(12)
     mha = nn.MultiheadAttention(4, 2, batch_first=True).double()
     nn.init.normal_(mha.in_proj_bias)
-    model = Pick(mha, lambda out: out[0].reshape(1, -1))
-    model.forward = lambda x, inner=mha: inner(x, x, x, need_weights=False)[0].reshape(1, -1)
-    x = torch.randn(1, 1, 4, dtype=F64)
-    loss = make_loss("cross_entropy")
-    precond = KFACPreconditioner(model, loss, fisher_type="type-2", factor_dtype=F64, inv_dtype=F64)
-    loss(model(x), torch.zeros(1, dtype=torch.long)).backward()
+    model = Offset(mha, lambda out: out, 4)
+    model.forward = lambda x, inner=mha, offset=model.offset: (
+        inner(x, x, x, need_weights=False)[0].reshape(N_EXAMPLES, -1) + offset)
+    x, y = torch.randn(1, 1, 4, dtype=F64).expand(N_EXAMPLES, 1, 4), classes_of(4)
+    precond = KFACPreconditioner(model, "cross_entropy", fisher_type="type-2", factor_dtype=F64, inv_dtype=F64)
+    loss_fn = user_loss("cross_entropy", "mean", y)
+    loss_fn(model(x)).backward()
     precond.step()
     factors = precond.factors()
     for block in precond.blocks:
@@ -366,7 +399,7 @@ def test_exact_fisher_attention_one_token():
         if block.name in ("inner.q", "inner.k"):
             assert g.abs().max() < 1e-12
             continue
-        torch.testing.assert_close(torch.kron(g, a), exact_block_fisher(model, block, x, loss), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(torch.kron(g, a), exact_block_fisher(model, block, x, loss_fn), rtol=1e-9, atol=1e-12)
 
 
 # ---- [B, T, C] logits: masks and the token count ------------------------------------------------
@@ -530,9 +563,10 @@ def test_kfac_accepts_param_groups_with_weight_decay():
 # ---- capture that does what the user meant ----------------------------------------------------
 
 
-def type2_factors_of_one_batch(model, x, y) -> dict:
-    """The type-2 float64 factors of one plain step on ``(x, y)`` (hooks removed after)."""
-    precond = KFACPreconditioner(model, "cross_entropy", fisher_type="type-2", factor_dtype=F64)
+def type2_factors_of_one_batch(model, x, y, fisher_type="type-2") -> dict:
+    """The float64 factors (type-2 unless told) of one plain step on ``(x, y)`` (hooks removed
+    after)."""
+    precond = KFACPreconditioner(model, "cross_entropy", fisher_type=fisher_type, factor_dtype=F64)
     F.cross_entropy(model(x), y).backward()
     precond.step()
     precond.remove_hooks()
@@ -562,15 +596,18 @@ def test_pause_and_eval_and_no_grad_forwards_are_not_captured():
         torch.testing.assert_close(g, expected[name][1], rtol=0, atol=0)
 
 
-def test_accumulation_equals_one_big_batch():
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+def test_accumulation_equals_one_big_batch(fisher_type):
     """Micro-batches are reduced as they come (the activations are not kept until step()), and
-    the step's factors equal those of the concatenated batch (type-2, float64)."""
+    the step's factors equal those of the concatenated batch (float64). Under "empirical" the
+    hooks see the gradients of loss / k: the weight k²·M undoes it (k = 3 here)."""
     torch.manual_seed(17)
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
     x, y = torch.randn(12, 3, dtype=F64), torch.randint(0, 2, (12,))
-    expected = type2_factors_of_one_batch(model, x, y)
+    expected = type2_factors_of_one_batch(model, x, y, fisher_type)
 
-    acc = KFACPreconditioner(model, "cross_entropy", fisher_type="type-2", factor_dtype=F64, grad_accumulation_steps=3)
+    acc = KFACPreconditioner(model, "cross_entropy", fisher_type=fisher_type, factor_dtype=F64,
+                             grad_accumulation_steps=3)
     for chunk_x, chunk_y in zip(x.chunk(3), y.chunk(3)):
         (F.cross_entropy(model(chunk_x), chunk_y) / 3).backward()
         assert all(len(v) == 1 for v in acc.capture.pending_a.values())  # only this micro-batch is held

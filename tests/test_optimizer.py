@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from conftest import assert_kfac_step, damped_condition, rel_err
 from torch import nn
 
 from kfac_ext import KFAC, KFACPreconditioner
@@ -94,20 +94,6 @@ def _kfac_run(init, data, dtype, backend, **kwargs):
         train_step(model, opt, x.to(dtype), y)
         history.append(params(model))
     return history, opt.preconditioner
-
-
-def damped_condition(a: torch.Tensor, g: torch.Tensor, damping_mode: str, gamma: float) -> float:
-    """Condition number of one layer's damped curvature as K-FAC inverts it, from the float64
-    eigenvalues of its factors: ``(A + d_A I) ⊗ (G + d_G I)`` with ``d_A = d_G = √γ``
-    ("tikhonov") or ``d_A = π√γ, d_G = √γ/π, π² = (tr A / dim A) / (tr G / dim G)`` ("pi"),
-    and ``λ_G λ_Aᵀ + γ`` ("eigen")."""
-    la = torch.linalg.eigvalsh(a.to(F64)).clamp_min(0)
-    lg = torch.linalg.eigvalsh(g.to(F64)).clamp_min(0)
-    if damping_mode == "eigen":
-        return float((la[-1] * lg[-1] + gamma) / (la[0] * lg[0] + gamma))
-    pi = math.sqrt(float(la.mean() / lg.mean())) if damping_mode == "pi" else 1.0
-    da, dg = pi * math.sqrt(gamma), math.sqrt(gamma) / pi
-    return float((la[-1] + da) / (la[0] + da) * (lg[-1] + dg) / (lg[0] + dg))
 
 
 def _random_like(t: torch.Tensor, generator: torch.Generator, norm: float) -> torch.Tensor:
@@ -199,6 +185,11 @@ def test_native_matches_reference(arch, inversion, damping_mode, dtype):
     names = [name for name, _ in init.named_parameters()]
     for name, p, p0 in zip(names, native[-1], init.parameters()):
         assert rel_err(p, p0) > 1e-3, f"{name} did not train"
+    # Both backends share all the Python and plain SGD trains too: pin that the last step (an
+    # inversion step, so the inverses come from the current factors) was K-FAC's, against a
+    # float64 recomputation from the factors, with π and the damping put on each side by hand.
+    for precond in (pn, pr):
+        assert_kfac_step(precond, precond.factors(), damping_mode=damping_mode, gamma=DAMPING)
     if dtype == F64:
         for name, p, q in zip(names, native[-1], reference[-1]):
             assert rel_err(p, q) <= 1e-10, f"{name}: native vs reference {rel_err(p, q):.2e}"
@@ -833,23 +824,33 @@ class LateBranch(nn.Module):
 @pytest.mark.parametrize("late_has_inverses", [False, True])
 def test_an_unused_bias_gets_a_gradient(late_has_inverses):
     """A block's bias without gradient still gets one: the bias column of the preconditioned
-    direction when the block has inverses, else zeros, so that weight decay and momentum treat
-    it as SGD treats a parameter with a zero gradient."""
+    direction of ``[∇W | 0]`` when the block has inverses (K-FAC mixes the weight's columns into
+    it through A⁻¹; pinned against a float64 recomputation with the KL clip), else zeros, so that
+    weight decay and momentum treat it as SGD treats a parameter with that gradient."""
     torch.manual_seed(0)
     model = LateBranch().double()
-    opt = KFAC(model, lr=0.1, momentum=0.0, weight_decay=0.5, loss="cross_entropy", factor_update_steps=2,
+    lr, weight_decay = 0.1, 0.5
+    opt = KFAC(model, lr=lr, momentum=0.0, weight_decay=weight_decay, loss="cross_entropy", factor_update_steps=2,
                factor_dtype=F64, inv_dtype=F64)
+    precond = opt.preconditioner
     x, y = torch.randn(8, 4, dtype=F64), torch.randint(0, 3, (8,))
-    for use_late in (late_has_inverses, True):  # step 0 updates factors, step 1 does not
+    for use_late in (late_has_inverses, True):  # step 0 updates factors (and inverts), step 1 does not
         opt.zero_grad()
         F.cross_entropy(model(x, use_late), y).backward()
         assert model.late.bias.grad is None
+        raw = {"early": torch.cat([model.early.weight.grad, model.early.bias.grad[:, None]], 1),
+               "late": torch.cat([model.late.weight.grad, torch.zeros(3, 1, dtype=F64)], 1) if use_late else None}
         bias = model.late.bias.detach().clone()
         opt.step()
-    assert ("late" in opt.preconditioner.factors()) == late_has_inverses
+    assert ("late" in precond.factors()) == late_has_inverses
+    assert [b.name for b in precond.blocks] == ["early", "late"]
+    for block, got in zip(precond.blocks, precond.last_raw_gradients):  # the last step's: late ran
+        assert torch.equal(got, raw[block.name]), f"raw ∇W̄ of {block.name}"
     grad = model.late.bias.grad
     if late_has_inverses:
-        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+        # the factors of step 0, which the inversion at step 0 used (no factor update at step 1)
+        assert_kfac_step(precond, precond.factors(), gamma=1e-3, lr=lr, kl_clip=1e-3)
+        assert grad.abs().min() > 0
     else:
         assert torch.equal(grad, torch.zeros_like(bias))
-        assert torch.allclose(model.late.bias, bias * (1 - 0.1 * 0.5), rtol=0, atol=1e-15)
+    torch.testing.assert_close(model.late.bias, bias - lr * (grad + weight_decay * bias), rtol=0, atol=1e-15)

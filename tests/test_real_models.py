@@ -2,9 +2,12 @@
 BERT, ``nn.TransformerEncoder``, torchvision ResNet-18, a Conv1d network.
 
 For each: a few ``KFAC`` steps in float64 from a fixed seed with only ``lr`` (and the loss) set,
-every Fisher type and both ``kfac_approx`` values; the loss falls, nothing is non-finite, and the
+every Fisher type and both ``kfac_approx`` values; the loss falls, nothing is non-finite, the
 registration report names exactly the modules K-FAC preconditions and what it leaves to the base
-optimizer.
+optimizer, and the last step is the K-FAC step: every block's ``.grad`` equals the KL-clipped
+``(G ⊗ A + √γ I)⁻¹``-preconditioned gradient recomputed in float64 from the factors captured at
+the last inversion (conftest.assert_kfac_step). Plain SGD would train these fixed batches too, so
+a falling loss alone cannot tell that K-FAC ran.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_kfac_step
 from torch import nn
 
 from kfac_ext import KFAC
 
 F64 = torch.float64
+# KFAC's defaults, which these tests keep: damping 1e-3 (Tikhonov, √γ on each factor), KL clip 1e-3.
+DAMPING, KL_CLIP = 1e-3, 1e-3
 # GPT-2's and BERT's position embeddings are broadcast over the batch: warned under type-2 and
 # empirical (test_gpt2_position_embedding_broadcast_over_the_batch_is_warned checks it).
 pytestmark = pytest.mark.filterwarnings("ignore:KFACPreconditioner.*produced one row:RuntimeWarning")
@@ -28,16 +34,29 @@ FISHER = ["mc", "type-2", "empirical"]
 APPROX = ["expand", "reduce"]
 
 
-def train(model, loss_fn, fisher_type, approx, steps=6, lr=0.1, **kwargs):
-    """``steps`` KFAC steps on one fixed batch; returns the losses and the preconditioner."""
-    opt = KFAC(model, lr=lr, loss="cross_entropy", fisher_type=fisher_type, kfac_approx=approx, **kwargs)
-    losses = []
+def kfac_steps(opt, loss_fn, model, steps):
+    """``steps`` steps of ``opt`` on ``loss_fn(model)``; returns the losses (one per step) and the
+    factors as the last inversion saw them (copied after each step that inverted)."""
+    precond = opt.preconditioner
+    losses, inverted = [], None
     for _ in range(steps):
+        inversions = precond.stats["inverse_updates"]
         opt.zero_grad()
         loss = loss_fn(model)
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if precond.stats["inverse_updates"] > inversions:
+            inverted = {name: (a.clone(), g.clone()) for name, (a, g) in precond.factors().items()}
+    return losses, inverted
+
+
+def train(model, loss_fn, fisher_type, approx, steps=6, lr=0.1, **kwargs):
+    """``steps`` KFAC steps on one fixed batch; returns the losses and the preconditioner, having
+    checked that the last step was the K-FAC step."""
+    opt = KFAC(model, lr=lr, loss="cross_entropy", fisher_type=fisher_type, kfac_approx=approx, **kwargs)
+    losses, inverted = kfac_steps(opt, loss_fn, model, steps)
+    assert_kfac_step(opt.preconditioner, inverted, gamma=DAMPING, lr=lr, kl_clip=KL_CLIP)
     with torch.no_grad():
         losses.append(loss_fn(model).item())
     return losses, opt.preconditioner
@@ -221,13 +240,8 @@ def test_resnet18_default_kfac_is_stable_at_sgd_learning_rates():
         model = models.resnet18(num_classes=10).double()
         x, y = torch.randn(8, 3, 16, 16, dtype=F64), torch.randint(0, 10, (8,))
         opt = KFAC(model, lr=lr, loss="cross_entropy", max_factor_dim=RESNET_MAX_FACTOR_DIM)
-        losses = []
-        for _ in range(6):
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        losses, inverted = kfac_steps(opt, lambda m: F.cross_entropy(m(x), y), model, 6)
+        assert_kfac_step(opt.preconditioner, inverted, gamma=DAMPING, lr=lr, kl_clip=KL_CLIP)
         assert max(losses) <= losses[0] * 1.05 and losses[-1] < losses[0], (lr, losses)
 
 
