@@ -178,12 +178,20 @@ class Hook:
     def __init__(self, fn: Callable):
         self.fn = fn
 
-    @torch.compiler.disable
     def __call__(self, *args, **kwargs):
+        # Eagerly a plain call: torch.compiler.disable's wrapper costs ~0.15 ms per call on a CPU,
+        # paid by every hooked module at every forward.
+        if torch.compiler.is_compiling():
+            return _outside_the_graph(self.fn, *args, **kwargs)
         return self.fn(*args, **kwargs)
 
     def __deepcopy__(self, memo):
         return _inert
+
+
+@torch.compiler.disable
+def _outside_the_graph(fn: Callable, *args, **kwargs):
+    return fn(*args, **kwargs)
 
 
 def _inert(*args, **kwargs) -> None:
