@@ -184,7 +184,7 @@ class Capture:
                  warned: set[str]):
         self.model, self.blocks, self.settings = model, blocks, settings
         self.fisher = settings.fisher
-        self._factor_step, self._ops, self._generator = factor_step, ops, generator
+        self._factor_step, self.ops, self._generator = factor_step, ops, generator
         self._counters, self._warned = counters, warned
         self._paused = 0
         self._g_weight: float | Tensor | None = None  # set while a sampled backward runs
@@ -351,8 +351,8 @@ class Capture:
         a_items = [(by_name[name], xs) for name, xs in self.pending_a.items()]
         g_items = [(by_name[name], chunks) for name, chunks in self.pending_g.items()]
         self.pending_a, self.pending_g = {}, {}
-        self.statistics.add_activations(a_items, self._ops, self.settings.factor_dtype)
-        self.statistics.add_gradients(g_items, self._ops, self.settings.factor_dtype)
+        self.statistics.add_activations(a_items, self.ops, self.settings.factor_dtype)
+        self.statistics.add_gradients(g_items, self.ops, self.settings.factor_dtype)
 
 def sampling_inputs(taps: list[GradientEdge]) -> list[GradientEdge]:
     """What the sampled backward differentiates with respect to, so that every block's output

@@ -1,4 +1,5 @@
-"""``KFAC``: a ``torch.optim`` optimizer that preconditions with K-FAC, then takes an SGD step."""
+"""``KFAC``: a ``torch.optim`` optimizer that preconditions with K-FAC, then moves the parameters
+by one of the update rules of :mod:`kfac_ext.update`."""
 
 from __future__ import annotations
 
@@ -10,21 +11,24 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .damping import AdaptiveDamping
-from .fsdp import local, rows_of_rank, whole
+from .fsdp import rows_of_rank, whole
 from .preconditioner import KFACPreconditioner
-from .util import Schedule, value
+from .update import RULES, EigenbasisAdam, masked_adamw, masked_move, masked_sgd
+from .util import Schedule, doubling, value
 
 __all__ = ["KFAC"]
 
+#: Learning rate per rule when none is given: AdamW's for the Adam-based rules.
+DEFAULT_LR = {"eigen-adam": 1e-3, "adamw": 1e-3, "sgd": 0.01}
 
-class KFAC(torch.optim.SGD):
-    """K-FAC preconditioning followed by SGD with momentum / weight decay (``torch.optim.SGD``
-    semantics, so ``param_groups``, ``lr_scheduler`` and ``state_dict`` behave as usual).
 
-    Parameters of layers K-FAC does not precondition (norms, tied or frozen weights, …; see the
-    preconditioner's report) get plain SGD. Usage (two changed lines)::
+class KFAC(torch.optim.Optimizer):
+    """K-FAC preconditioning followed by a parameter update (``param_groups``, ``lr_scheduler``
+    and ``state_dict`` behave as for any ``torch.optim`` optimizer).
 
-        optimizer = kfac_ext.KFAC(model, lr=0.05, loss="cross_entropy")
+    Usage (two changed lines; start from the learning rate you use with AdamW)::
+
+        optimizer = kfac_ext.KFAC(model, lr=1e-3, loss="cross_entropy")
         for x, y in data:
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
@@ -32,64 +36,88 @@ class KFAC(torch.optim.SGD):
 
     or, with parameter groups (e.g. no weight decay on biases and norms)::
 
-        optimizer = kfac_ext.KFAC([{"params": decay, "weight_decay": 1e-4},
+        optimizer = kfac_ext.KFAC([{"params": decay, "weight_decay": 0.1},
                                    {"params": no_decay, "weight_decay": 0.0}],
-                                  model=model, lr=0.05, loss="cross_entropy")
+                                  model=model, lr=1e-3, loss="cross_entropy")
 
-    Defaults: momentum 0.9, and (through the preconditioner) KL clipping at 1e-3 — the update is
-    rescaled so that ``lr² Σ ⟨v, ∇⟩ <= 1e-3`` — with damping 1e-3: the combination that trains
-    ResNets and transformers at the learning rates people use for SGD with momentum (0.01-0.1)
-    without diverging (K-FAC without the clip takes steps ``1/damping`` times larger along
-    low-curvature directions; see the README's "Defaults").
+    Update rules (``update=``, :mod:`kfac_ext.update`):
+
+    * ``"eigen-adam"`` (default): Adam in the eigenbasis of each K-FAC block's factors (SOAP's idea
+      with K-FAC's factors); every other parameter (norms, tied or frozen-out embeddings, ...)
+      by AdamW. AdamW's learning rates and ``betas`` / ``eps`` / decoupled ``weight_decay``.
+      Its factors are the empirical ones (``fisher_type="empirical"``: the training backward's
+      own gradients, no extra backward), updated at steps 0, 1, 2, 4, then every 5
+      (``factor_update_steps``), the basis at 0, 1, 2, 4, ..., 32, then every 50
+      (``inv_update_steps``): the moments keep the step fresh in between.
+    * ``"adamw"``: the K-FAC direction ``(G ⊗ A + damping)⁻¹ ∇W̄`` fed to AdamW with every other
+      parameter's gradient (Monte Carlo factors at 0, 1, 2, 4, 8, then every 10 steps, inverses
+      at 0, 1, 2, ..., 64, then every 100).
+    * ``"sgd"``: SGD with momentum on the K-FAC direction with KL clipping at 1e-3 (damping 1e-3,
+      factors every step, inverses every 10), every other parameter by SGD with momentum: the rule
+      before 2026-12, at SGD's learning rates (0.01-0.1).
 
     Args:
         params_or_model: the model (all its trainable parameters, one group), or parameters /
             parameter groups as for any ``torch.optim`` optimizer (then pass ``model=``).
         lr: a number (schedulable by ``torch.optim.lr_scheduler``) or a callable of the step
-            (then it overrides ``param_groups[*]["lr"]`` each step). KL clipping uses the lr
-            of the group holding the first K-FAC block's weight.
-        momentum, weight_decay, nesterov: as in ``torch.optim.SGD``; weight decay is added to the
-            preconditioned direction.
+            (then it overrides ``param_groups[*]["lr"]`` each step); default per rule
+            (:data:`DEFAULT_LR`). The KL clip (``"sgd"``) uses the lr of the group holding the
+            first K-FAC block's weight.
+        momentum, nesterov: SGD's (``"sgd"`` only).
+        weight_decay: AdamW's decoupled decay for the Adam-based rules; SGD's (added to the
+            preconditioned direction) for ``"sgd"``.
         adaptive_damping: Levenberg-Marquardt adaptation of the damping γ (Martens & Grosse 2015
             §6.5) every ``adaptive_damping_interval`` steps from the reduction ratio
-            ρ = (L(θ+δ) − L(θ)) / M(δ) of the K-FAC quadratic model; needs ``step(closure)``.
+            ρ = (L(θ+δ) − L(θ)) / M(δ) of the K-FAC quadratic model; needs ``step(closure)``;
+            rules with a damped K-FAC direction only (``"adamw"``, ``"sgd"``).
+        update: the rule, above.
+        betas, eps: Adam's (the Adam-based rules).
         model: the model, when ``params_or_model`` are parameters.
         **preconditioner_kwargs: forwarded to :class:`KFACPreconditioner` (``loss``,
-            ``fisher_type``, ``damping``, ``kl_clip``, ...). ``lr`` is shared with it (KL clipping).
+            ``fisher_type``, ``damping``, ``kl_clip``, schedules, ...) over the rule's defaults.
     """
 
     def __init__(
         self,
         params_or_model: nn.Module | Iterable,
-        lr: Schedule = 0.01,
+        lr: Schedule | None = None,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         nesterov: bool = False,
         adaptive_damping: bool = False,
         adaptive_damping_interval: int = 5,
         *,
+        update: str = "eigen-adam",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
         model: nn.Module | None = None,
         **preconditioner_kwargs: Any,
     ):
-        if isinstance(params_or_model, nn.Module):
-            if model is not None and model is not params_or_model:
-                raise ValueError("KFAC: pass the model once (as the first argument or as model=)")
-            model = params_or_model
-            params = [p for p in model.parameters() if p.requires_grad]
-        elif model is None:
-            raise TypeError("KFAC(params, ...) needs model= (the module whose layers K-FAC preconditions)")
-        else:
-            params = params_or_model
+        if update not in RULES:
+            raise ValueError(f"update must be one of {list(RULES)}, got {update!r}")
+        model, params = _model_and_params(params_or_model, model)
+        lr = DEFAULT_LR[update] if lr is None else lr
         self._lr_schedule = lr if callable(lr) else None
-        super().__init__(params, lr=float(value(lr, 0)), momentum=momentum,
-                         weight_decay=weight_decay, nesterov=nesterov)
-        for group in self.param_groups:  # _sgd_step implements SGD's plain update only
-            unsupported = [k for k in ("maximize", "fused", "differentiable") if group.get(k)]
+        defaults = dict(lr=float(value(lr, 0)), momentum=momentum, dampening=0.0, weight_decay=weight_decay,
+                        nesterov=nesterov, betas=betas, eps=eps)
+        super().__init__(params, defaults)
+        for group in self.param_groups:  # the rules implement the plain updates only
+            unsupported = [k for k in ("maximize", "fused", "differentiable", "amsgrad") if group.get(k)]
             if unsupported:
                 raise ValueError(f"KFAC: parameter group option(s) {unsupported} are not supported")
-        if adaptive_damping and callable(preconditioner_kwargs.get("damping")):
-            raise ValueError("adaptive_damping adapts a number: pass damping as a float")
-        self.preconditioner = KFACPreconditioner(model, lr=self._kfac_lr, **preconditioner_kwargs)
+        if adaptive_damping and (update == "eigen-adam" or callable(preconditioner_kwargs.get("damping"))):
+            raise ValueError("adaptive_damping adapts the damping (a number) of a damped K-FAC direction: "
+                             "pass damping as a float, with update='adamw' or 'sgd'")
+        self.update = update
+        self.preconditioner = KFACPreconditioner(model, lr=self._kfac_lr,
+                                                 **{**_preconditioner_defaults(update), **preconditioner_kwargs})
+        self._eigen_adam = None
+        if update == "eigen-adam":
+            if (self.preconditioner.inversion, self.preconditioner.damping_mode) != ("eigen", "eigen"):
+                raise ValueError("update='eigen-adam' runs Adam in the factors' eigenbases: it needs "
+                                 "inversion='eigen' and damping_mode='eigen' (the defaults for this rule)")
+            self._eigen_adam = EigenbasisAdam(self.preconditioner.inverses, betas, eps)
+            self.preconditioner.direction_rule = self._eigen_adam
         self._check_params_cover_blocks()
         self._block_params = {id(p) for b in self.preconditioner.blocks for p in b.params()}
         self.adaptive_damping = adaptive_damping
@@ -98,8 +126,8 @@ class KFAC(torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
-        """Preconditions the gradients and takes the SGD step. A step whose gradients are not
-        finite changes no parameter and no momentum buffer (and is counted in
+        """Preconditions the gradients and moves the parameters. A step whose gradients are not
+        finite changes no parameter and no optimizer state (and is counted in
         ``preconditioner.stats``); that is decided on the device, so a step that updates no
         factors and no inverses does not synchronize with it."""
         loss = None
@@ -119,46 +147,33 @@ class KFAC(torch.optim.SGD):
         if others:
             self.preconditioner.count_nonfinite(finite & ~ok)  # the preconditioner counted ~finite
         before = [p.detach().clone() for p in self._params()] if adapt else None
-        self._sgd_step(ok)
+        self._move(ok)
         if adapt and bool(ok):
             self._damping.adapt(self._params(), loss.detach(), before, closure, rng)
         return loss
 
-    def _sgd_step(self, ok: torch.Tensor) -> None:
-        """``torch.optim.SGD``'s update, with its momentum buffers, taken only where the 0-d
-        ``ok`` is True: with ``ok`` False no parameter and no buffer changes. The gradient is
-        zeroed on the device, the buffer scaled by ``where(ok, μ, 1)``, and the step by ``ok``,
-        so skipping needs no host read. FSDP2 parameters (DTensors) are updated through their
-        local shards, which is exactly the sharded update."""
+    def _move(self, ok: torch.Tensor) -> None:
+        """The rule's parameter update of every group, only where the 0-d ``ok`` is True."""
         for group in self.param_groups:
             with_grad = [p for p in group["params"] if p.grad is not None]
             if not with_grad:
                 continue
-            momentum, dampening = group["momentum"], group["dampening"]
-            params = [local(p) for p in with_grad]
-            grads = [local(p.grad) for p in with_grad]
-            if group["weight_decay"]:
-                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-            grads = [torch.where(ok, g, 0.0) for g in grads]
-            if momentum:
-                bufs, new_grads = [], []
-                for p, g in zip(with_grad, grads):
-                    state = self.state[p]
-                    if state.get("momentum_buffer") is None:
-                        # shaped (and sharded) like the gradient; zero if this step is skipped
-                        state["momentum_buffer"] = p.grad.detach().clone()
-                        local(state["momentum_buffer"]).copy_(g)
-                    else:
-                        bufs.append(local(state["momentum_buffer"]))
-                        new_grads.append(g)
-                if bufs:
-                    keep = torch.full((), momentum, dtype=torch.float64, device=ok.device)
-                    torch._foreach_mul_(bufs, torch.where(ok, keep, 1.0))
-                    torch._foreach_add_(bufs, new_grads, alpha=1 - dampening)
-                momenta = [local(self.state[p]["momentum_buffer"]) for p in with_grad]
-                grads = torch._foreach_add(grads, momenta, alpha=momentum) if group["nesterov"] else momenta
-            # the direction times 0 or 1 (exact), then torch's own `p += -lr * d`: bit for bit SGD
-            torch._foreach_add_(params, torch._foreach_mul(grads, ok.to(grads[0].dtype)), alpha=-group["lr"])
+            lr, wd = group["lr"], group["weight_decay"]
+            if self.update == "sgd":
+                masked_sgd(with_grad, [self.state[p] for p in with_grad], ok, lr=lr, momentum=group["momentum"],
+                           dampening=group["dampening"], weight_decay=wd, nesterov=group["nesterov"])
+                continue
+            adam = dict(lr=lr, betas=group.get("betas", self.defaults["betas"]),
+                        eps=group.get("eps", self.defaults["eps"]), weight_decay=wd)
+            if self.update == "adamw":
+                masked_adamw(with_grad, [self.state[p] for p in with_grad], ok, **adam)
+                continue
+            directed = [p for p in with_grad if id(p) in self._block_params and p.grad is not None]
+            plain = [p for p in with_grad if id(p) not in self._block_params]
+            if directed:  # eigen-adam: the blocks' gradients hold Adam's normalized directions
+                masked_move(directed, ok, lr=lr, weight_decay=wd)
+            if plain:
+                masked_adamw(plain, [self.state[p] for p in plain], ok, **adam)
 
     def _params(self):
         return [p for group in self.param_groups for p in group["params"]]
@@ -179,24 +194,55 @@ class KFAC(torch.optim.SGD):
                              "pass all of the model's trainable parameters (or skip_layers those blocks)")
 
     def state_dict(self) -> dict[str, Any]:
-        """SGD's state (momentum buffers) and the preconditioner's under ``"kfac"``. Buffers of
-        FSDP2-sharded parameters are gathered whole (every rank must call this), so the
-        checkpoint loads on any world size, sharded or not."""
+        """The base state (momentum buffers or Adam moments) and the preconditioner's under
+        ``"kfac"`` (with the eigenbasis moments of ``"eigen-adam"``). State of FSDP2-sharded
+        parameters is gathered whole (every rank must call this), so the checkpoint loads on any
+        world size, sharded or not."""
         state = super().state_dict()
         state["state"] = {k: {name: whole(v) for name, v in s.items()} for k, s in state["state"].items()}
         state["kfac"] = self.preconditioner.state_dict()
+        if self._eigen_adam is not None:
+            state["kfac"]["eigen_adam"] = self._eigen_adam.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a :meth:`state_dict` saved on any world size, sharded or not: into FSDP2-sharded
-        parameters, each rank keeps its rows of the (whole) momentum buffers."""
+        parameters, each rank keeps its rows of the (whole) state tensors."""
         state_dict = dict(state_dict)
-        self.preconditioner.load_state_dict(state_dict.pop("kfac"))
+        kfac = dict(state_dict.pop("kfac"))
+        eigen_adam = kfac.pop("eigen_adam", None)
+        self.preconditioner.load_state_dict(kfac)
+        if self._eigen_adam is not None and eigen_adam is not None:
+            self._eigen_adam.load_state_dict(eigen_adam, {b.name: b.device for b in self.preconditioner.blocks})
         super().load_state_dict(state_dict)
         for p, state in self.state.items():
-            buffer = state.get("momentum_buffer")
-            if isinstance(p, DTensor) and buffer is not None and not isinstance(buffer, DTensor):
-                rows = rows_of_rank(buffer, p).clone()
-                state["momentum_buffer"] = DTensor.from_local(rows, p.device_mesh, p.placements, run_check=False,
-                                                              shape=p.shape, stride=p.stride())
+            if not isinstance(p, DTensor):
+                continue
+            for name, t in state.items():
+                if isinstance(t, torch.Tensor) and not isinstance(t, DTensor) and t.shape == p.shape:
+                    rows = rows_of_rank(t, p).clone()
+                    state[name] = DTensor.from_local(rows, p.device_mesh, p.placements, run_check=False,
+                                                     shape=p.shape, stride=p.stride())
 
+
+def _model_and_params(params_or_model, model):
+    if isinstance(params_or_model, nn.Module):
+        if model is not None and model is not params_or_model:
+            raise ValueError("KFAC: pass the model once (as the first argument or as model=)")
+        return params_or_model, [p for p in params_or_model.parameters() if p.requires_grad]
+    if model is None:
+        raise TypeError("KFAC(params, ...) needs model= (the module whose layers K-FAC preconditions)")
+    return model, params_or_model
+
+
+def _preconditioner_defaults(update: str) -> dict[str, Any]:
+    """What each rule asks of the preconditioner unless the caller says otherwise."""
+    if update == "sgd":
+        return {}
+    if update == "eigen-adam":
+        # The eigenbases, undamped (Adam's eps plays the damping's part), of the empirical
+        # factors: the gradients of the training backward itself (no sampled backward), as SOAP
+        # uses; Adam's moments correct the scale a basis from them gets wrong.
+        return dict(kl_clip=None, fisher_type="empirical", factor_update_steps=doubling(5),
+                    inv_update_steps=doubling(50), inversion="eigen", damping_mode="eigen")
+    return dict(kl_clip=None, factor_update_steps=doubling(10), inv_update_steps=doubling(100))

@@ -173,6 +173,9 @@ class KFACPreconditioner:
                                    loss_mask_fn, grad_accumulation_steps, factor_dtype, grad_scaler)
         self.capture = Capture(model, self.blocks, self.registration.installs, settings, factor_step=self._is_factor_step,
                                ops=ops, generator=self.generator, counters=self._stats, warned=self._warned)
+        #: ``(blocks, grads, finite) -> directions`` in place of the K-FAC direction, or None (the
+        #: Adam-in-eigenbasis rule of :class:`~kfac_ext.KFAC` sets one)
+        self.direction_rule: Callable[[list[Block], list[Tensor], Tensor], list[Tensor]] | None = None
 
     @property
     def ops(self):
@@ -181,7 +184,7 @@ class KFACPreconditioner:
 
     @ops.setter
     def ops(self, module) -> None:
-        self.inverses.ops = self.capture._ops = module
+        self.inverses.ops = self.capture.ops = module
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -253,10 +256,23 @@ class KFACPreconditioner:
         were not finite (then nothing is updated)."""
         done = self.curvature.update(self.blocks, self.capture.collect(), grads_finite,
                                      lambda: float(value(self.factor_decay, self.steps)), self.topology, self._stats)
+        if done is False:  # known on the host already: this step's gradients are not finite
+            self._warn_nonfinite(self._stats.get("nonfinite_grad_steps", 0) + 1)
         if done is None:
             self._no_statistics()
             return True
         return done
+
+    def _warn_nonfinite(self, count: int) -> None:
+        """Once per run: ``count`` steps so far were skipped for non-finite gradients. Said where
+        the host knows it anyway (a factor step whose own gradients are not finite, an inverse
+        step, which synchronizes): a steady-state step never reads it back. Not with a grad
+        scaler, whose overflow steps are expected and its own business."""
+        if count and not self._scaled():
+            warn_once(self._warned, "non-finite gradients",
+                      f"KFACPreconditioner: {count} step(s) up to step {self.steps} had non-finite gradients "
+                      "(a NaN or inf loss or gradient) and were skipped: no parameter moved (counted in "
+                      "stats['nonfinite_grad_steps']; warned once)", stacklevel=4)
 
     def update_inverses(self) -> None:
         """The damped inverses of every block's factors (by their owners)."""
@@ -267,6 +283,8 @@ class KFACPreconditioner:
         self.inverses.update(blocks, factors, damping, lambda f, d, invert: self.topology.invert(f, d, invert, inverse_form),
                              self._stats, self._warned)
         self._stats["inverse_updates"] += 1
+        if "non-finite gradients" not in self._warned:
+            self._warn_nonfinite(self.stats["nonfinite_grad_steps"])  # the inversion synchronized already
 
     def write_directions(self, grads: list[Tensor | None], finite: Tensor) -> None:
         """Rewrites ``.grad`` of every block with a gradient: the clipped natural-gradient
@@ -287,8 +305,12 @@ class KFACPreconditioner:
     def _directions(self, blocks: list[Block], grads: list[Tensor], finite: Tensor) -> list[Tensor]:
         """The clipped preconditioned gradients of ``blocks`` where ``finite``; zeros (the raw
         gradients with a grad scaler) where not."""
-        gamma = float(value(self.damping, self.steps)) if self.damping_mode == "eigen" else 0.0
-        updates = self.topology.precondition(blocks, grads, lambda b, g: self.inverses.apply(b, g, gamma))
+        if self.direction_rule is not None:
+            rule = self.direction_rule
+            updates = self.topology.precondition(blocks, grads, lambda b, g: rule(b, g, finite))
+        else:
+            gamma = float(value(self.damping, self.steps)) if self.damping_mode == "eigen" else 0.0
+            updates = self.topology.precondition(blocks, grads, lambda b, g: self.inverses.apply(b, g, gamma))
         nu = self._kl_clip_scale(updates, grads)
         return [torch.where(finite, u.mul_(nu) if nu is not None else u, g if self._scaled() else 0.0)
                 for u, g in zip(updates, grads)]

@@ -19,6 +19,27 @@ def value(schedule: Schedule | Any, step: int):
     return schedule(step) if callable(schedule) else schedule
 
 
+class Doubling:
+    """A period schedule that starts fresh and settles: ``doubling(100)(step)`` is the largest
+    power of two <= step below step 100 (1 at steps 0 and 1), and 100 from then on — so with
+    ``inv_update_steps=doubling(100)`` the inversions run at steps 0, 1, 2, 4, ..., 64, 100, 200,
+    ...: the first bases, made from few statistics, are replaced quickly."""
+
+    def __init__(self, period: int):
+        self.period = int(period)
+
+    def __call__(self, step: int) -> int:
+        if step >= self.period:
+            return self.period
+        return 1 << max(0, int(step).bit_length() - 1)
+
+    def __repr__(self) -> str:
+        return f"doubling({self.period})"
+
+
+doubling = Doubling
+
+
 def all_finite(tensors: list[Tensor]) -> Tensor:
     """A 0-d bool on the device: every element of every tensor is finite. A tensor's smallest and
     largest elements are NaN or ±inf iff it holds one: one pass per tensor (``isfinite().all()``

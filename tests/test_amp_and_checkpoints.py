@@ -61,7 +61,7 @@ def test_overflow_with_a_preconditioner_is_left_to_the_scaler():
 def factors_after(model, data, overflow_at=None, scaler=None):
     """KFAC (type-2, float64, no EMA) through ``scaler.step`` over ``data``; the step at
     ``overflow_at`` gets an inf gradient, so the scaler skips ``KFAC.step`` altogether."""
-    opt = KFAC(model, lr=0.1, loss="cross_entropy", fisher_type="type-2", factor_decay=0.0,
+    opt = KFAC(model, update="sgd", lr=0.1, loss="cross_entropy", fisher_type="type-2", factor_decay=0.0,
                factor_dtype=F64, inv_dtype=F64, grad_scaler=scaler)
     for i, (x, y) in enumerate(data):
         opt.zero_grad()
@@ -96,7 +96,7 @@ def test_a_step_the_scaler_skipped_drops_its_statistics():
 
 def trained(steps: int = 2):
     model = mlp()
-    opt = KFAC(model, lr=0.1, loss="cross_entropy", inv_update_steps=1)
+    opt = KFAC(model, update="sgd", lr=0.1, loss="cross_entropy", inv_update_steps=1)
     for i in range(steps):
         x, y = batch(i)
         opt.zero_grad()
@@ -113,7 +113,7 @@ def test_checkpoint_loaded_with_map_location_lands_on_the_blocks_devices():
     state = torch.load(buffer, map_location="cpu", weights_only=False)
 
     fresh_model = copy.deepcopy(model)
-    fresh = KFAC(fresh_model, lr=0.1, loss="cross_entropy", inv_update_steps=1)
+    fresh = KFAC(fresh_model, update="sgd", lr=0.1, loss="cross_entropy", inv_update_steps=1)
     fresh.load_state_dict(state)
     precond = fresh.preconditioner
     for block in precond.blocks:
@@ -133,7 +133,7 @@ def test_load_state_dict_moves_every_tensor_to_the_blocks_device():
     state = opt.state_dict()
     meta = mlp().to("meta")
     with cpu_generators():
-        fresh = KFAC(meta, lr=0.1, loss="cross_entropy", inv_update_steps=1)
+        fresh = KFAC(meta, update="sgd", lr=0.1, loss="cross_entropy", inv_update_steps=1)
     fresh.load_state_dict(state)
     precond = fresh.preconditioner
     assert precond.factors().keys() == {"0", "2"}
@@ -155,7 +155,7 @@ def test_cpu_checkpoint_resumes_on_cuda():
     model, opt = trained()
     state = copy.deepcopy(opt.state_dict())
     gpu_model = copy.deepcopy(model).cuda()
-    fresh = KFAC(gpu_model, lr=0.1, loss="cross_entropy", inv_update_steps=1)
+    fresh = KFAC(gpu_model, update="sgd", lr=0.1, loss="cross_entropy", inv_update_steps=1)
     with pytest.warns(RuntimeWarning, match="another device type"):
         fresh.load_state_dict(state)
     precond = fresh.preconditioner

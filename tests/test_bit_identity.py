@@ -89,7 +89,7 @@ def kfac(model, inversion="eigen", damping_mode="tikhonov", fisher_type="mc", ac
     args = dict(lr=0.05, loss="cross_entropy", fisher_type=fisher_type, inversion=inversion,
                 damping_mode=damping_mode, damping=1e-2, inv_update_steps=3, grad_accumulation_steps=accumulation,
                 factor_dtype=dtype, inv_dtype=dtype)
-    return KFAC(model, **{**args, **extra})
+    return KFAC(model, update="sgd", **{**args, **extra})
 
 
 COMBOS = list(itertools.product(FISHER, INVERSION_DAMPING, ACCUMULATION))
@@ -148,7 +148,7 @@ def test_gpt2_matches_golden(golden, fisher_type):
     config = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=17, n_positions=8, bos_token_id=0,
                                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = transformers.GPT2LMHeadModel(config).double()
-    opt = KFAC(model, lr=0.05, loss="cross_entropy", fisher_type=fisher_type, damping=1e-2, inv_update_steps=3,
+    opt = KFAC(model, update="sgd", lr=0.05, loss="cross_entropy", fisher_type=fisher_type, damping=1e-2, inv_update_steps=3,
                factor_dtype=F64, inv_dtype=F64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the position embedding's batch-broadcast warning

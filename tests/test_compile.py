@@ -52,7 +52,7 @@ def test_compiled_model_trains_like_eager(fisher_type):
     compiled_inner = copy.deepcopy(eager)
     compiled = torch.compile(compiled_inner, backend="aot_eager")
     kwargs = dict(lr=0.1, loss="cross_entropy", fisher_type=fisher_type, factor_update_steps=2, inv_update_steps=2)
-    opt_eager, opt_compiled = KFAC(eager, **kwargs), KFAC(compiled, **kwargs)
+    opt_eager, opt_compiled = KFAC(eager, update="sgd", **kwargs), KFAC(compiled, update="sgd", **kwargs)
     assert [b.name for b in opt_compiled.preconditioner.blocks] == ["0", "2", "4"]
     losses_eager = train(eager, opt_eager, range(5))
     losses_compiled = train(compiled, opt_compiled, range(5))
@@ -83,7 +83,7 @@ def test_no_recompilation_per_step():
     steps compile nothing new and attempt no new frame."""
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(Unrolled(), backend=counter)
-    opt = KFAC(compiled, lr=0.1, loss="cross_entropy", factor_update_steps=2, inv_update_steps=3)
+    opt = KFAC(compiled, update="sgd", lr=0.1, loss="cross_entropy", factor_update_steps=2, inv_update_steps=3)
     train(compiled, opt, range(4))
     warm, attempts = counter.frame_count, torch._dynamo.utils.counters["frames"]["total"]
     assert warm > 0
@@ -97,8 +97,8 @@ def test_compiled_with_inductor():
     up to the fused kernels' float64 rounding."""
     eager = model()
     compiled = torch.compile(copy.deepcopy(eager))
-    losses_eager = train(eager, KFAC(eager, lr=0.1, loss="cross_entropy"), range(4))
-    opt = KFAC(compiled, lr=0.1, loss="cross_entropy")
+    losses_eager = train(eager, KFAC(eager, update="sgd", lr=0.1, loss="cross_entropy"), range(4))
+    opt = KFAC(compiled, update="sgd", lr=0.1, loss="cross_entropy")
     assert train(compiled, opt, range(4)) == pytest.approx(losses_eager, rel=1e-8)
     assert opt.preconditioner.stats["factor_updates"] == 4
 
@@ -106,4 +106,4 @@ def test_compiled_with_inductor():
 def test_fullgraph_is_refused_at_construction():
     compiled = torch.compile(model(), fullgraph=True, backend="aot_eager")
     with pytest.raises(ValueError, match=r"fullgraph=True\) cannot work with K-FAC.*compile without fullgraph=True"):
-        KFAC(compiled, lr=0.1, loss="cross_entropy")
+        KFAC(compiled, update="sgd", lr=0.1, loss="cross_entropy")

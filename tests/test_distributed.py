@@ -250,7 +250,7 @@ def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None =
         for unit in fsdp_units(model):
             fully_shard(unit, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
-    opt = KFAC(net, **spec["kfac"], process_group=group)
+    opt = KFAC(net, update="sgd", **spec["kfac"], process_group=group)
     precond = opt.preconditioner
     first = 0
     if resume is not None:
@@ -382,7 +382,7 @@ def refusals(world: int) -> list[str]:
     fully_shard(attention, mesh=mesh)
     for model in (partly, attention):
         try:
-            KFAC(model, loss="cross_entropy")
+            KFAC(model, update="sgd", loss="cross_entropy")
             messages.append("accepted")
         except (ValueError, NotImplementedError) as e:
             messages.append(str(e))

@@ -18,6 +18,7 @@ import kfac_ext.capture as capture_module
 from conftest import assert_kfac_step, cpu_generators
 from kfac_ext import KFAC, KFACPreconditioner
 from kfac_ext.inverse import tensors
+from kfac_ext.update import masked_adamw, masked_sgd
 
 F64 = torch.float64
 #: Tensor methods through which a value reaches Python or the host (on CUDA each one is a
@@ -173,7 +174,7 @@ def test_steady_state_kfac_step_reads_nothing_back_and_skips_on_device():
     """KFAC.step in a steady-state step: no host read; with a NaN gradient it changes no
     parameter and no momentum buffer, exactly as if the step had not happened."""
     model = stack_model()
-    opt = KFAC(model, lr=0.05, momentum=0.9, weight_decay=1e-3, loss="cross_entropy",
+    opt = KFAC(model, update="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3, loss="cross_entropy",
                factor_update_steps=2, inv_update_steps=4, factor_dtype=F64, inv_dtype=F64)
     for step in range(3):
         backward(model, step)
@@ -209,13 +210,13 @@ def test_steady_state_step_on_meta_moves_nothing_to_the_host(inversion, damping_
                   damping_mode=damping_mode, factor_update_steps=2, inv_update_steps=4, factor_dtype=F64,
                   inv_dtype=F64)
     model = stack_model()
-    opt = KFAC(model, **kwargs)
+    opt = KFAC(model, update="sgd", **kwargs)
     for step in range(3):  # factor steps 0 and 2, an inversion at 0
         backward(model, step)
         opt.step()
     meta = stack_model().to("meta")
     with cpu_generators():
-        meta_opt = KFAC(meta, **kwargs)
+        meta_opt = KFAC(meta, update="sgd", **kwargs)
     meta_opt.load_state_dict(opt.state_dict())
     x, y = (t.to("meta") for t in data(3))
     with no_host_reads():
@@ -227,31 +228,63 @@ def test_steady_state_step_on_meta_moves_nothing_to_the_host(inversion, damping_
 
 
 def test_kfac_sgd_step_is_torch_sgd():
-    """The device-masked SGD step KFAC takes is torch.optim.SGD's (momentum, Nesterov, weight
-    decay), buffers included: same parameters after several steps on the same gradients."""
+    """The device-masked SGD step of update="sgd" is torch.optim.SGD's (momentum, Nesterov,
+    weight decay), buffers included: same parameters after several steps on the same gradients;
+    a step masked off changes nothing."""
     model = stack_model()
     for nesterov in (False, True):
         ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
-        opt = KFAC(ours, lr=0.05, momentum=0.9, weight_decay=1e-2, nesterov=nesterov, loss="cross_entropy",
-                   factor_dtype=F64, inv_dtype=F64)
+        states = {p: {} for p in ours.parameters()}
         sgd = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2, nesterov=nesterov)
-        for step in range(4):
+        for step in range(5):
             g = torch.Generator().manual_seed(step)
             grads = [torch.randn(p.shape, generator=g, dtype=F64) for p in ours.parameters()]
             for p, q, gr in zip(ours.parameters(), theirs.parameters(), grads):
                 p.grad, q.grad = gr.clone(), gr.clone()
+            skip = step == 2  # NaN gradients, masked off: nothing may change
+            if skip:
+                next(ours.parameters()).grad[0, 0] = float("nan")
             with torch.no_grad():
-                opt._sgd_step(torch.tensor(True))
-            sgd.step()
+                masked_sgd(list(ours.parameters()), [states[p] for p in ours.parameters()], torch.tensor(not skip),
+                           lr=0.05, momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=nesterov)
+            if not skip:
+                sgd.step()
         for p, q in zip(ours.parameters(), theirs.parameters()):
             assert torch.equal(p, q)
-            assert torch.equal(opt.state[p]["momentum_buffer"], sgd.state[q]["momentum_buffer"])
+            assert torch.equal(states[p]["momentum_buffer"], sgd.state[q]["momentum_buffer"])
+
+
+def test_kfac_adamw_step_is_torch_adamw():
+    """The device-masked AdamW step of the Adam-based rules is torch.optim.AdamW's (bias
+    correction, decoupled weight decay) up to float64 rounding; a step masked off (NaN gradients)
+    changes no parameter and no moment, and does not count as a step."""
+    model = stack_model()
+    ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
+    states = {p: {} for p in ours.parameters()}
+    adamw = torch.optim.AdamW(theirs.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    for step in range(6):
+        g = torch.Generator().manual_seed(step)
+        grads = [torch.randn(p.shape, generator=g, dtype=F64) for p in ours.parameters()]
+        for p, q, gr in zip(ours.parameters(), theirs.parameters(), grads):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        skip = step in (0, 3)  # the very first step too: no moment exists yet
+        if skip:
+            next(ours.parameters()).grad[0, 0] = float("inf")
+        with torch.no_grad():
+            masked_adamw(list(ours.parameters()), [states[p] for p in ours.parameters()], torch.tensor(not skip),
+                         lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+        if not skip:
+            adamw.step()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-15)
+        assert float(states[p]["step"]) == 4
+        torch.testing.assert_close(states[p]["exp_avg_sq"], adamw.state[q]["exp_avg_sq"], rtol=1e-13, atol=1e-300)
 
 
 def test_kfac_refuses_sgd_options_its_step_does_not_implement():
     model = stack_model()
     with pytest.raises(ValueError, match=r"\['maximize'\] are not supported"):
-        KFAC([{"params": list(model.parameters()), "maximize": True}], model=model, loss="cross_entropy")
+        KFAC([{"params": list(model.parameters()), "maximize": True}], update="sgd", model=model, loss="cross_entropy")
 
 
 def dense_update(a: torch.Tensor, g: torch.Tensor, grad: torch.Tensor, inversion: str, damping_mode: str, gamma: float):
@@ -313,12 +346,15 @@ def test_every_inversion_replaces_the_stacked_inverses(inversion):
 @pytest.mark.cuda
 @pytest.mark.skipif(not (torch.cuda.is_available() and kfac_ext.build_info()["built_with_cuda"]),
                     reason="needs a CUDA device and the CUDA build")
-@pytest.mark.parametrize("inversion,damping_mode", [("eigen", "tikhonov"), ("eigen", "eigen"), ("cholesky", "tikhonov")])
-def test_steady_state_step_on_cuda_never_synchronizes(inversion, damping_mode):
+@pytest.mark.parametrize("update,inversion,damping_mode", [
+    ("sgd", "eigen", "tikhonov"), ("sgd", "eigen", "eigen"), ("sgd", "cholesky", "tikhonov"),
+    ("eigen-adam", "eigen", "eigen"), ("adamw", "eigen", "tikhonov")])
+def test_steady_state_step_on_cuda_never_synchronizes(update, inversion, damping_mode):
     """torch.cuda.set_sync_debug_mode("error") raises on any synchronizing call: steady-state
-    KFAC steps (forward and backward included) run under it, one with a NaN gradient."""
+    KFAC steps (forward and backward included) run under it, one with a NaN gradient, for every
+    update rule."""
     model = stack_model().cuda()
-    opt = KFAC(model, lr=0.05, loss="cross_entropy", inversion=inversion, damping_mode=damping_mode,
+    opt = KFAC(model, update=update, lr=0.05 if update == "sgd" else 1e-3, loss="cross_entropy", inversion=inversion, damping_mode=damping_mode,
                factor_update_steps=2, inv_update_steps=4, factor_dtype=F64, inv_dtype=F64)
     batches = [tuple(t.cuda() for t in data(step)) for step in range(6)]
 
@@ -418,7 +454,7 @@ def test_a_factor_step_reads_back_once(fisher_type):
     and the statistics' finite flags, together (forward and backward included: sampling the
     targets reads nothing back)."""
     model = stack_model()
-    opt = KFAC(model, lr=0.05, loss="cross_entropy", fisher_type=fisher_type, inv_update_steps=3,
+    opt = KFAC(model, update="sgd", lr=0.05, loss="cross_entropy", fisher_type=fisher_type, inv_update_steps=3,
                factor_dtype=F64, inv_dtype=F64)
     backward(model, 0)
     opt.step()

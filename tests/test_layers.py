@@ -506,7 +506,7 @@ def test_frozen_bias_has_no_ones_column_and_no_grad():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     model[0].bias.requires_grad_(False)
     model[2].weight.requires_grad_(False)
-    opt = KFAC(model, lr=0.1, loss="cross_entropy")
+    opt = KFAC(model, update="sgd", lr=0.1, loss="cross_entropy")
     precond = opt.preconditioner
     assert [(b.name, b.a_dim, b.has_bias) for b in precond.blocks] == [("0", 3, False)]
     assert ("2", "weight is frozen") in precond.unregistered
@@ -546,7 +546,7 @@ def test_kfac_accepts_param_groups_with_weight_decay():
     model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3))
     decay = [model[0].weight, model[2].weight]
     no_decay = [model[0].bias, model[1].weight, model[1].bias, model[2].bias]
-    opt = KFAC([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+    opt = KFAC([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], update="sgd",
                model=model, lr=0.05, loss="cross_entropy", kl_clip=None)
     norm_before = model[1].weight.detach().clone()
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
@@ -555,9 +555,9 @@ def test_kfac_accepts_param_groups_with_weight_decay():
     opt.step()
     torch.testing.assert_close(model[1].weight, norm_before - 0.05 * grad_norm)  # plain SGD, no decay
     with pytest.raises(TypeError, match="model="):
-        KFAC(model.parameters(), lr=0.1, loss="cross_entropy")
+        KFAC(model.parameters(), update="sgd", lr=0.1, loss="cross_entropy")
     with pytest.raises(ValueError, match="not in params"):
-        KFAC([model[0].weight], model=model, lr=0.1, loss="cross_entropy")
+        KFAC([model[0].weight], update="sgd", model=model, lr=0.1, loss="cross_entropy")
 
 
 # ---- capture that does what the user meant ----------------------------------------------------
@@ -637,7 +637,7 @@ class TinyMoE(nn.Module):
 def test_an_expert_with_no_tokens_keeps_its_factors():
     torch.manual_seed(18)
     model = TinyMoE().double()
-    opt = KFAC(model, lr=0.1, loss="cross_entropy", factor_dtype=F64)
+    opt = KFAC(model, update="sgd", lr=0.1, loss="cross_entropy", factor_dtype=F64)
     x, y = torch.randn(8, 3, dtype=F64), torch.randint(0, 2, (8,))
     F.cross_entropy(model(x), y).backward()
     opt.step()

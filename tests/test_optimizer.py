@@ -87,7 +87,7 @@ def _kfac_run(init, data, dtype, backend, **kwargs):
     """Parameters after each KFAC step (momentum, inversions every other step) and the
     preconditioner, for a copy of ``init`` in ``dtype`` trained on ``data``."""
     model = copy.deepcopy(init).to(dtype)
-    opt = KFAC(model, lr=LR, momentum=MOMENTUM, loss="cross_entropy", damping=DAMPING, inv_update_steps=INV_EVERY,
+    opt = KFAC(model, update="sgd", lr=LR, momentum=MOMENTUM, loss="cross_entropy", damping=DAMPING, inv_update_steps=INV_EVERY,
                kl_clip=None, factor_dtype=dtype, inv_dtype=dtype, backend=backend, **kwargs)
     history = []
     for x, y in data:
@@ -294,7 +294,7 @@ def test_factor_decay_schedule():
 def test_lr_callable_sets_param_groups_and_step_size():
     model = mlp()
     lrs = [0.2 / (1 + s) for s in range(4)]
-    opt = KFAC(model, lr=lambda s: lrs[s], momentum=0.0, loss="cross_entropy")
+    opt = KFAC(model, update="sgd", lr=lambda s: lrs[s], momentum=0.0, loss="cross_entropy")
     for step in range(4):
         x, y = batch()
         before = params(model)
@@ -341,7 +341,7 @@ def test_kl_clip_rescales_the_update(kl_clip):
     steps = {}
     for clip in (kl_clip, None):
         model = copy.deepcopy(init)
-        opt = KFAC(model, lr=lr, momentum=0.0, loss="cross_entropy", fisher_type="type-2", kl_clip=clip,
+        opt = KFAC(model, update="sgd", lr=lr, momentum=0.0, loss="cross_entropy", fisher_type="type-2", kl_clip=clip,
                    factor_dtype=F64, inv_dtype=F64)
         steps[clip] = _step_and_change(model, opt, x, y)
     grad, theta, full = steps[None]
@@ -366,7 +366,7 @@ def test_kl_clip_large_does_not_clip():
     deltas = []
     for clip in (1e6, None):
         model = copy.deepcopy(init)
-        opt = KFAC(model, lr=0.1, loss="cross_entropy", fisher_type="type-2", kl_clip=clip)
+        opt = KFAC(model, update="sgd", lr=0.1, loss="cross_entropy", fisher_type="type-2", kl_clip=clip)
         grad, _, delta = _step_and_change(model, opt, x, y)
         deltas.append(delta)
     assert -0.1 * float(deltas[1].double() @ grad.double()) < 1e6
@@ -407,7 +407,7 @@ def test_step_lr_scheduler():
     """
     model = mlp(F64)
     kl_clip, gamma = 1e-7, 1e-3
-    opt = KFAC(model, lr=0.2, momentum=0.0, loss="cross_entropy", kl_clip=kl_clip, damping=gamma,
+    opt = KFAC(model, update="sgd", lr=0.2, momentum=0.0, loss="cross_entropy", kl_clip=kl_clip, damping=gamma,
                inv_update_steps=1, factor_dtype=F64, inv_dtype=F64)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     precond = opt.preconditioner
@@ -466,7 +466,7 @@ def test_grad_accumulation_matches_concatenated_batch(arch, fisher_type):
 
 
 def _kfac_for_resume(model: nn.Module, seed: int, inversion: str) -> KFAC:
-    return KFAC(model, lr=0.05, momentum=0.9, loss="cross_entropy", fisher_type="mc",
+    return KFAC(model, update="sgd", lr=0.05, momentum=0.9, loss="cross_entropy", fisher_type="mc",
                 inversion=inversion, damping=1e-2, inv_update_steps=2, seed=seed)
 
 
@@ -595,7 +595,7 @@ def test_registration_report():
 def test_unsupported_modules_get_plain_sgd():
     """BatchNorm1d parameters step by ``lr · ∇`` untouched; the Linear gradients are rewritten."""
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 4))
-    opt = KFAC(model, lr=0.1, momentum=0.0, loss="cross_entropy")
+    opt = KFAC(model, update="sgd", lr=0.1, momentum=0.0, loss="cross_entropy")
     assert [name for name, _ in opt.preconditioner.unregistered] == ["1"]
     x, y = batch()
     opt.zero_grad()
@@ -642,7 +642,7 @@ def test_preconditioner_with_plain_sgd_reduces_loss():
 def _adaptive(model: nn.Module, loss_fn, x, y, **kwargs):
     """A float64 KFAC adapting its damping at every step (momentum 0, inverses every step, no
     KL clip), and a closure computing ``loss_fn(model(x), y)`` with its gradient."""
-    opt = KFAC(model, momentum=0.0, adaptive_damping=True, adaptive_damping_interval=1, inv_update_steps=1,
+    opt = KFAC(model, update="sgd", momentum=0.0, adaptive_damping=True, adaptive_damping_interval=1, inv_update_steps=1,
                kl_clip=None, fisher_type="type-2", factor_dtype=F64, inv_dtype=F64, **kwargs)
 
     def closure():
@@ -747,7 +747,7 @@ def test_adaptive_damping_ratio_counts_parameters_left_to_sgd(kind):
 
 def test_adaptive_damping_needs_closure():
     model = mlp()
-    opt = KFAC(model, lr=0.1, loss="cross_entropy", adaptive_damping=True)
+    opt = KFAC(model, update="sgd", lr=0.1, loss="cross_entropy", adaptive_damping=True)
     x, y = batch()
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
@@ -759,7 +759,7 @@ def test_adaptive_damping_needs_closure():
 
 def test_adaptive_damping_rejects_a_damping_schedule():
     with pytest.raises(ValueError, match="damping"):
-        KFAC(mlp(), loss="cross_entropy", adaptive_damping=True, damping=lambda s: 1e-2)
+        KFAC(mlp(), update="sgd", loss="cross_entropy", adaptive_damping=True, damping=lambda s: 1e-2)
 
 
 # ---- real data: scikit-learn digits --------------------------------------------------------
@@ -793,7 +793,7 @@ def test_digits_kfac_beats_sgd():
 
     sgd = min(final_loss(lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9))
               for lr in (1.0, 3.0, 5.0))
-    kfac = final_loss(lambda m: KFAC(m, lr=0.3, momentum=0.9, loss="cross_entropy",
+    kfac = final_loss(lambda m: KFAC(m, update="sgd", lr=0.3, momentum=0.9, loss="cross_entropy",
                                      damping=3e-3, inv_update_steps=5, kl_clip=None))
     assert math.isfinite(kfac)
     assert kfac < 0.25 * sgd, (kfac, sgd)
@@ -830,7 +830,7 @@ def test_an_unused_bias_gets_a_gradient(late_has_inverses):
     torch.manual_seed(0)
     model = LateBranch().double()
     lr, weight_decay = 0.1, 0.5
-    opt = KFAC(model, lr=lr, momentum=0.0, weight_decay=weight_decay, loss="cross_entropy", factor_update_steps=2,
+    opt = KFAC(model, update="sgd", lr=lr, momentum=0.0, weight_decay=weight_decay, loss="cross_entropy", factor_update_steps=2,
                factor_dtype=F64, inv_dtype=F64)
     precond = opt.preconditioner
     x, y = torch.randn(8, 4, dtype=F64), torch.randint(0, 3, (8,))

@@ -54,7 +54,7 @@ def kfac_steps(opt, loss_fn, model, steps):
 def train(model, loss_fn, fisher_type, approx, steps=6, lr=0.1, **kwargs):
     """``steps`` KFAC steps on one fixed batch; returns the losses and the preconditioner, having
     checked that the last step was the K-FAC step."""
-    opt = KFAC(model, lr=lr, loss="cross_entropy", fisher_type=fisher_type, kfac_approx=approx, **kwargs)
+    opt = KFAC(model, update="sgd", lr=lr, loss="cross_entropy", fisher_type=fisher_type, kfac_approx=approx, **kwargs)
     losses, inverted = kfac_steps(opt, loss_fn, model, steps)
     assert_kfac_step(opt.preconditioner, inverted, gamma=DAMPING, lr=lr, kl_clip=KL_CLIP)
     with torch.no_grad():
@@ -114,7 +114,7 @@ def test_gpt2_padding_carries_no_curvature():
     factors = []
     for fill in (3, 17):
         ids = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, fill)
-        opt = KFAC(model, lr=0.0, loss="cross_entropy", fisher_type="type-2")
+        opt = KFAC(model, update="sgd", lr=0.0, loss="cross_entropy", fisher_type="type-2")
         model(**(batch | dict(input_ids=ids))).loss.backward()
         opt.step()
         factors.append(opt.preconditioner.factors())
@@ -239,7 +239,7 @@ def test_resnet18_default_kfac_is_stable_at_sgd_learning_rates():
         torch.manual_seed(4)
         model = models.resnet18(num_classes=10).double()
         x, y = torch.randn(8, 3, 16, 16, dtype=F64), torch.randint(0, 10, (8,))
-        opt = KFAC(model, lr=lr, loss="cross_entropy", max_factor_dim=RESNET_MAX_FACTOR_DIM)
+        opt = KFAC(model, update="sgd", lr=lr, loss="cross_entropy", max_factor_dim=RESNET_MAX_FACTOR_DIM)
         losses, inverted = kfac_steps(opt, lambda m: F.cross_entropy(m(x), y), model, 6)
         assert_kfac_step(opt.preconditioner, inverted, gamma=DAMPING, lr=lr, kl_clip=KL_CLIP)
         assert max(losses) <= losses[0] * 1.05 and losses[-1] < losses[0], (lr, losses)
@@ -271,7 +271,7 @@ def test_gpt2_position_embedding_broadcast_over_the_batch_is_warned(fisher_type)
     arrives summed over the batch. Under type-2 / empirical that biases its G: warned once, naming
     the block; not under mc (unbiased), nor with per-example position_ids."""
     model, batch = gpt2()
-    opt = KFAC(model, lr=0.01, loss="cross_entropy", fisher_type=fisher_type)
+    opt = KFAC(model, update="sgd", lr=0.01, loss="cross_entropy", fisher_type=fisher_type)
     positions = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
     for extra in ({}, {}, dict(position_ids=positions)):
         with warnings.catch_warnings(record=True) as caught:

@@ -87,7 +87,7 @@ def test_nonfinite_activations_skip_the_factor_update(fisher_type, fault):
     model = mlp()
     hook = InjectInf()
     model[2].register_forward_pre_hook(hook)
-    opt = KFAC(model, lr=0.1, momentum=0.9, loss="cross_entropy", fisher_type=fisher_type, inv_update_steps=1)
+    opt = KFAC(model, update="sgd", lr=0.1, momentum=0.9, loss="cross_entropy", fisher_type=fisher_type, inv_update_steps=1)
     precond = opt.preconditioner
     train_step(model, opt, *batch())
     factors, inverses = snapshot(precond)
@@ -164,7 +164,7 @@ def test_nonfinite_gradient_preconditioner_zeroes_registered_grads():
 @pytest.mark.parametrize("where", ["registered", "unregistered"])
 def test_nonfinite_gradient_kfac_changes_no_parameter(where):
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 4))
-    opt = KFAC(model, lr=0.1, momentum=0.9, loss="cross_entropy")
+    opt = KFAC(model, update="sgd", lr=0.1, momentum=0.9, loss="cross_entropy")
     train_step(model, opt, *batch())
     params = [p.detach().clone() for p in model.parameters()]
     momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
@@ -197,7 +197,7 @@ def test_nonfinite_gradient_kfac_changes_no_parameter(where):
 def test_failed_inversion_keeps_previous_inverse_and_warns_once(inversion, bad):
     model = mlp()
     # Factors only at step 0, inverses every step, so that the injected factor stays as it is.
-    opt = KFAC(model, lr=0.1, loss="cross_entropy", inversion=inversion, damping=1e-8,
+    opt = KFAC(model, update="sgd", lr=0.1, loss="cross_entropy", inversion=inversion, damping=1e-8,
                factor_update_steps=100, inv_update_steps=1)
     precond = opt.preconditioner
     train_step(model, opt, *batch())
@@ -314,7 +314,7 @@ def test_empirical_fisher_needs_no_loss():
 
 def test_kfac_forwards_configuration_errors():
     with pytest.raises(ValueError, match="label_smoothing"):
-        KFAC(mlp(), loss=nn.CrossEntropyLoss(label_smoothing=0.1))
+        KFAC(mlp(), update="sgd", loss=nn.CrossEntropyLoss(label_smoothing=0.1))
 
 
 @pytest.mark.parametrize("fisher_type", ["mc", "empirical"])
@@ -366,7 +366,7 @@ def test_first_step_without_statistics_raises_with_the_reason():
 
 def test_kfac_step_before_backward_raises():
     model = mlp()
-    opt = KFAC(model, lr=0.1, loss="cross_entropy")
+    opt = KFAC(model, update="sgd", lr=0.1, loss="cross_entropy")
     model(batch()[0])
     with pytest.raises(RuntimeError, match="backward"):
         opt.step()
@@ -376,7 +376,7 @@ def test_unused_layer_is_left_alone():
     """A layer that does not run in a step (an unused pooler, a dropped or unrouted layer) is no
     error: it has no gradient and keeps none, while the layers that ran are preconditioned."""
     model = Net(unused=True)
-    opt = KFAC(model, lr=0.1, loss="cross_entropy")
+    opt = KFAC(model, update="sgd", lr=0.1, loss="cross_entropy")
     losses = [train_step(model, opt, *batch()).item() for _ in range(3)]
     precond = opt.preconditioner
     assert [b.name for b in precond.blocks] == ["body.0", "body.2", "unused"]
@@ -388,7 +388,7 @@ def test_unused_layer_is_left_alone():
 
 def test_unused_layer_in_skip_layers_works():
     model = Net(unused=True)
-    opt = KFAC(model, lr=0.1, loss="cross_entropy", skip_layers=("unused",))
+    opt = KFAC(model, update="sgd", lr=0.1, loss="cross_entropy", skip_layers=("unused",))
     assert ("unused", "skipped by skip_layers") in opt.preconditioner.unregistered
     unused = model.unused.weight.detach().clone()
     losses = [train_step(model, opt, *batch()).item() for _ in range(3)]
@@ -460,7 +460,7 @@ def test_grad_scaler_empirical_factors_are_unscaled():
     for scaled in (False, True):
         model = copy.deepcopy(init)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaled else None
-        opt = KFAC(model, lr=0.1, momentum=0.9, fisher_type="empirical", loss="cross_entropy",
+        opt = KFAC(model, update="sgd", lr=0.1, momentum=0.9, fisher_type="empirical", loss="cross_entropy",
                    grad_scaler=scaler, inv_update_steps=1)
         for x, y in data:
             opt.zero_grad()
@@ -526,7 +526,7 @@ def test_bf16_autocast_keeps_float32_factors():
         assert rel_err(a, a32) < 3e-2 and rel_err(g, g32) < 5e-2, name
 
     model = copy.deepcopy(init)
-    opt = KFAC(model, lr=0.1, loss="cross_entropy", inv_update_steps=2)
+    opt = KFAC(model, update="sgd", lr=0.1, loss="cross_entropy", inv_update_steps=2)
     losses = []
     for _ in range(10):
         opt.zero_grad()

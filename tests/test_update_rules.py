@@ -1,0 +1,241 @@
+"""KFAC's update rules (kfac_ext.update): Adam in the K-FAC eigenbasis (the default), the K-FAC
+direction into AdamW, and their skipping, checkpoints, schedules and refusals. The "sgd" rule is
+pinned by the tests that pass update="sgd" (test_optimizer.py and the golden trajectories)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_fast_step import backward, data, no_host_reads, stack_model
+from torch import nn
+
+import kfac_ext
+from kfac_ext import KFAC, KFACPreconditioner
+from kfac_ext.util import doubling
+
+F64 = torch.float64
+BETAS, EPS = (0.9, 0.99), 1e-8
+
+
+def net() -> nn.Module:
+    """Two K-FAC blocks and a LayerNorm (left to AdamW), float64."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.LayerNorm(9), nn.Linear(9, 5)).double()
+
+
+def rotate(m, q_g, q_a):
+    return q_g.T @ m @ q_a
+
+
+def test_eigen_adam_is_adam_in_the_factor_eigenbasis():
+    """Every step of update="eigen-adam" equals a float64 recomputation from the captured
+    gradients and the eigenvectors the preconditioner holds: ĝ = Q_Gᵀ ∇W̄ Q_A, Adam's moments on ĝ
+    (carried into each new basis: m exactly, v as independent coordinates, ``(R∘R) v (R_A∘R_A)``),
+    the direction rotated back, the parameters moved by
+    lr times it and decayed; the LayerNorm by AdamW. Inversions at steps 0, 2, 4, 6: the basis
+    changes under the moments."""
+    model = net()
+    lr, wd = 1e-2, 0.05
+    opt = KFAC(model, lr=lr, weight_decay=wd, betas=BETAS, eps=EPS, loss="cross_entropy", fisher_type="type-2",
+               factor_update_steps=1, inv_update_steps=2, factor_dtype=F64, inv_dtype=F64)
+    precond = opt.preconditioner
+    ref = copy.deepcopy(model)
+    ref_adamw = torch.optim.AdamW(ref[2].parameters(), lr=lr, betas=BETAS, eps=EPS, weight_decay=wd)
+    moments = {}
+    inversions = []
+    for step in range(8):
+        backward(model, step)
+        before = precond.stats["inverse_updates"]
+        opt.step()
+        inversions.append(precond.stats["inverse_updates"] > before)
+        with torch.no_grad():
+            for block, grad in zip(precond.blocks, precond.last_raw_gradients):
+                q_a, q_g = (side.vectors for side in precond.inverses.records[block.name])
+                m, v, t, basis = moments.get(block.name, (torch.zeros_like(grad), torch.zeros_like(grad), 0, None))
+                if basis is not None:  # into the new basis: m exactly, v as independent coordinates
+                    r_g, r_a = q_g.T @ basis[1], basis[0].T @ q_a
+                    m, v = r_g @ m @ r_a, (r_g * r_g) @ v @ (r_a * r_a)
+                g = rotate(grad, q_g, q_a)
+                m, v, t = m * BETAS[0] + g * (1 - BETAS[0]), v * BETAS[1] + g * g * (1 - BETAS[1]), t + 1
+                moments[block.name] = (m, v, t, (q_a, q_g))
+                u = (m / (1 - BETAS[0] ** t)) / ((v / (1 - BETAS[1] ** t)).sqrt() + EPS)
+                direction = q_g @ u @ q_a.T
+                module = ref.get_submodule(block.name)
+                wbar = block.matrix(module.weight, module.bias)
+                wbar = wbar * (1 - lr * wd) - lr * direction
+                module.weight.copy_(wbar[:, :-1])
+                module.bias.copy_(wbar[:, -1])
+            ref[2].weight.grad = model[2].weight.grad.clone()
+            ref[2].bias.grad = model[2].bias.grad.clone()
+        ref_adamw.step()
+        # Adam's m / (√v + eps) amplifies rounding where a rotated coordinate is ~0 (√v ~ eps):
+        # within 1e-7 of one step's size (lr)
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-7 * lr)
+    assert inversions == [True, False] * 4
+
+
+def test_adamw_rule_is_the_kfac_direction_into_adamw():
+    """update="adamw": every step equals KFACPreconditioner (same settings, no KL clip) writing
+    the K-FAC direction, then torch.optim.AdamW on every parameter."""
+    model = net()
+    ref = copy.deepcopy(model)
+    settings = dict(loss="cross_entropy", fisher_type="type-2", damping=1e-2, factor_update_steps=1,
+                    inv_update_steps=3, factor_dtype=F64, inv_dtype=F64)
+    opt = KFAC(model, lr=3e-3, betas=BETAS, update="adamw", **settings)
+    precond = KFACPreconditioner(ref, kl_clip=None, **settings)
+    adamw = torch.optim.AdamW(ref.parameters(), lr=3e-3, betas=BETAS, weight_decay=0.0)
+    for step in range(6):
+        backward(model, step)
+        opt.step()
+        backward(ref, step)
+        precond.step()
+        adamw.step()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("update", ["eigen-adam", "adamw"])
+def test_nonfinite_step_changes_no_parameter_and_no_state(update):
+    """A step whose gradients hold a NaN moves nothing: parameters, AdamW's and the eigenbasis
+    moments, their step counts; the next finite steps go on as if it had not happened."""
+    model, twin = net(), net()
+    opts = [KFAC(m, lr=1e-2, update=update, loss="cross_entropy", fisher_type="type-2", factor_dtype=F64,
+                 inv_dtype=F64, factor_update_steps=2, inv_update_steps=4) for m in (model, twin)]
+    for step in range(6):  # the twin sees no NaN
+        backward(twin, step)
+        opts[1].step()
+    for step in range(6):
+        if step == 3:  # a steady-state step (no factor or inverse update) with a NaN gradient
+            state = copy.deepcopy(opts[0].state_dict())
+            params = [p.detach().clone() for p in model.parameters()]
+            backward(model, step)
+            model[0].weight.grad[0, 0] = float("nan")
+            opts[0].step()
+            assert opts[0].preconditioner.stats["nonfinite_grad_steps"] == 1
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+            _assert_same_state(opts[0].state_dict(), state)
+            opts[0].preconditioner.steps -= 1  # replay the step number, as the twin saw it
+        backward(model, step)
+        opts[0].step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def _assert_same_state(got: dict, want: dict) -> None:
+    for key in ("state",):
+        for k, s in want[key].items():
+            for name, t in s.items():
+                assert torch.equal(got[key][k][name], t), (k, name)
+    for name, s in want["kfac"].get("eigen_adam", {}).items():
+        for k, t in s.items():
+            assert torch.equal(got["kfac"]["eigen_adam"][name][k], t), (name, k)
+
+
+@pytest.mark.parametrize("update", ["eigen-adam", "adamw"])
+def test_checkpoint_resumes_the_same_trajectory(update):
+    """state_dict after 3 steps, loaded into a fresh model and optimizer: the next steps equal an
+    uninterrupted run's (the eigenbasis moments and AdamW's state travel with it)."""
+    settings = dict(lr=1e-2, update=update, loss="cross_entropy", fisher_type="type-2", factor_dtype=F64,
+                    inv_dtype=F64)
+    whole, first = net(), net()
+    opt_whole, opt_first = KFAC(whole, **settings), KFAC(first, **settings)
+    for step in range(7):
+        backward(whole, step)
+        opt_whole.step()
+    for step in range(3):
+        backward(first, step)
+        opt_first.step()
+    state = copy.deepcopy(dict(model=first.state_dict(), optimizer=opt_first.state_dict()))
+    resumed = net()
+    opt_resumed = KFAC(resumed, **settings)
+    resumed.load_state_dict(state["model"])
+    opt_resumed.load_state_dict(state["optimizer"])
+    for step in range(3, 7):
+        backward(resumed, step)
+        opt_resumed.step()
+    for p, q in zip(resumed.parameters(), whole.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("update", ["eigen-adam", "adamw"])
+def test_steady_state_step_reads_nothing_back(update):
+    """With the Adam-based rules too, a step that updates no factors and no inverses never reads
+    a value back to the host, a NaN step included (skipped on the device)."""
+    model = stack_model()
+    opt = KFAC(model, lr=1e-2, update=update, loss="cross_entropy", factor_update_steps=2, inv_update_steps=4,
+               factor_dtype=F64, inv_dtype=F64)
+    for step in range(3):
+        backward(model, step)
+        opt.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    backward(model, 3, poison=True)
+    with no_host_reads():
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    backward(model, 4)
+    opt.step()
+    backward(model, 5)
+    with no_host_reads():
+        opt.step()
+    assert opt.preconditioner.stats["nonfinite_grad_steps"] == 1
+
+
+def test_default_schedules_refresh_early_then_settle():
+    """The default rule updates its factors at steps 0, 1, 2, 4, then every 5, and the eigenbasis
+    at 0, 1, 2, 4, ..., 32, then every 50: the first bases, from little data, are replaced
+    quickly, and the steady-state step is cheap."""
+    model = stack_model()
+    opt = KFAC(model, loss="cross_entropy")
+    seen_factors, seen_inverses = [], []
+    for step in range(130):
+        x, y = data(step % 6)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        stats = dict(opt.preconditioner.stats)
+        opt.step()
+        if opt.preconditioner.stats["factor_updates"] > stats["factor_updates"]:
+            seen_factors.append(step)
+        if opt.preconditioner.stats["inverse_updates"] > stats["inverse_updates"]:
+            seen_inverses.append(step)
+    assert seen_factors == [0, 1, 2, 4] + list(range(5, 130, 5))
+    assert seen_inverses == [0, 1, 2, 4, 8, 16, 32, 50, 100]
+    assert [doubling(10)(s) for s in (0, 1, 3, 9, 10, 11)] == [1, 1, 2, 8, 10, 10]
+
+
+def test_rules_refuse_what_they_cannot_do():
+    with pytest.raises(ValueError, match=r"update must be one of \['eigen-adam', 'adamw', 'sgd'\]"):
+        KFAC(net(), loss="cross_entropy", update="lion")
+    with pytest.raises(ValueError, match=r"eigen-adam.*needs inversion='eigen' and damping_mode='eigen'"):
+        KFAC(net(), loss="cross_entropy", inversion="cholesky", damping_mode="tikhonov")
+    with pytest.raises(ValueError, match=r"adaptive_damping adapts the damping.*update='adamw' or 'sgd'"):
+        KFAC(net(), loss="cross_entropy", adaptive_damping=True)
+    with pytest.raises(ValueError, match=r"\['amsgrad'\] are not supported"):
+        KFAC([{"params": list(net().parameters()), "amsgrad": True}], model=net(), loss="cross_entropy")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and kfac_ext.build_info()["built_with_cuda"]),
+                    reason="needs a CUDA device and the CUDA build")
+@pytest.mark.parametrize("update", ["eigen-adam", "adamw", "sgd"])
+def test_every_rule_takes_the_same_steps_on_cuda(update):
+    """Ten float64 steps with factor and eigenbasis refreshes on the GPU follow the CPU's: the
+    native CUDA factor updates, cuSOLVER's eigenvectors (signs and order may differ: each rule's
+    direction does not depend on them) and the rules' moment rotations agree with the CPU path
+    to float64 rounding, amplified by Adam's 1/√v where a rotated coordinate is ~0."""
+    lr = 0.05 if update == "sgd" else 1e-2
+    settings = dict(lr=lr, update=update, loss="cross_entropy", factor_update_steps=1, inv_update_steps=3,
+                    factor_dtype=F64, inv_dtype=F64)
+    models = {"cpu": stack_model(), "cuda": stack_model().cuda()}
+    opts = {dev: KFAC(m, **settings) for dev, m in models.items()}
+    for step in range(10):
+        for dev, model in models.items():
+            model.zero_grad()
+            x, y = data(step)
+            F.cross_entropy(model(x.to(dev)), y.to(dev)).backward()
+            opts[dev].step()
+    for p, q in zip(models["cpu"].parameters(), models["cuda"].parameters()):
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-8, atol=1e-6 * lr)
