@@ -11,7 +11,8 @@
 #                               step and amortised); the op benchmark's large-rows / small-factor /
 #                               routing-boundary cases (bench_ops.py --large-rows); the step on
 #                               the zoo with what is left of the budget
-#   bash bench/gpu_check.sh     both, one after the other
+#   bash bench/gpu_check.sh 3   time to target at GPU sizes (bench/time_to_target.py --size large)
+#   bash bench/gpu_check.sh     all three, one after the other
 # Each part runs its steps under `timeout`s that together stay inside BUDGET seconds (default
 # 285): a step gets what is left of the budget, up to its own cap, and is skipped when under 15 s
 # are left. Logs go to $OUT (default ./gpu-out), at most 8 files per part (the device tool
@@ -200,15 +201,32 @@ part2() {
   grep -E '^(\||ops-cuda)' "$OUT/bench-ops.log" 2>/dev/null
 }
 
+# Time to target at GPU sizes (bench/time_to_target.py --size large): the transformer workloads,
+# AdamW, K-FAC's rules and SOAP (pytorch_optimizer, offline: from a wheel in gpu-wheels/ if the
+# run carried one), learning rates swept, 2 seeds. Tables and JSON are written per workload.
+part3() {
+  PART_START=$SECONDS
+  if ! $PY -P -c "import kfac_ext._C, kfac_ext; assert kfac_ext.build_info()['built_with_cuda']" >/dev/null 2>&1; then
+    build 130 || return 1
+  fi
+  if ! $PY -P -c "import pytorch_optimizer" >/dev/null 2>&1 && ls gpu-wheels/pytorch_optimizer-*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps gpu-wheels/pytorch_optimizer-*.whl
+  fi
+  run_step "time to target (GPU sizes)" 600 time-to-target.log \
+    "$PY bench/time_to_target.py --device cuda --size large --workloads ${TTT_WORKLOADS:-char-transformer,gpt2-tied} --out $OUT"
+  grep -E '^(\*\*|\|)' "$OUT/time-to-target.log"
+}
+
 case ${1:-all} in
   1) part1 ;;
   2) part2 ;;
-  all) part1; part2 ;;
-  *) echo "usage: bash bench/gpu_check.sh [1|2]" >&2; exit 2 ;;
+  3) part3 ;;
+  all) part1; part2; part3 ;;
+  *) echo "usage: bash bench/gpu_check.sh [1|2|3]" >&2; exit 2 ;;
 esac
 
 echo
-echo "gpu_check part ${1:-1 and 2} summary ($OUT):"
+echo "gpu_check part ${1:-1, 2 and 3} summary ($OUT):"
 echo "| step | result | seconds | log file |"
 echo "|---|---|---:|---|"
 printf '%s\n' "${SUMMARY[@]}"

@@ -1,0 +1,354 @@
+"""Time to target: K-FAC's update rules against a tuned AdamW and second-order peers, by
+AlgoPerf's protocol at small scale.
+
+Workloads (CPU sizes; ``--size large`` multiplies widths and batches for a GPU):
+
+* ``char-transformer``: the character transformer of ``bench/demo_text.py`` (2 pre-norm
+  ``nn.TransformerEncoderLayer``, d=64, T=64, B=32) on the standard library's pydoc text;
+* ``gpt2-tied``: a Hugging Face ``GPT2LMHeadModel`` config (2 layers, d=64, 4 heads, tied input and
+  output embedding, LayerNorms) on the same text, character tokens;
+* ``autoencoder``: the digits autoencoder 64-256-128-32-128-256-64 of ``bench/demo.py``;
+* ``convnet-bn``: a small convnet with BatchNorm classifying the 8x8 digits.
+
+Protocol: every optimizer's learning rate is swept on a grid of five values a factor 3 apart
+(:data:`GRIDS`) on seed 0; the target is the tuned AdamW's final validation loss at the step
+budget; each optimizer's pick then also runs on seeds 1..``--seeds``-1. Steps and seconds to
+target are the first evaluation at or below the target (training wall-clock only: evaluation
+excluded), averaged over the seeds that reach it; ratios are against AdamW's. Every run sees
+the same initial weights and batches for a given seed.
+
+Optimizers: ``AdamW`` (``torch.optim.AdamW``, no weight decay); ``K-FAC`` (``kfac_ext.KFAC``
+with its defaults: Adam in the K-FAC eigenbasis); ``K-FAC adamw`` (the K-FAC direction into
+AdamW); ``SOAP`` (``pytorch_optimizer``'s, when it is installed: ``requirements-dev.txt`` has
+it); on request (``--optimizers``), ``K-FAC sgd`` (SGD + KL clip, the pre-2026-12 rule).
+
+    python bench/time_to_target.py [--quick] [--workloads a,b] [--optimizers a,b] [--seeds N]
+
+About 12 minutes on 2 quiet CPU cores (``--quick``: about 1 minute). Writes
+``time_to_target.json`` and ``time_to_target.png`` (validation loss vs training seconds and vs
+steps, each optimizer's pick on seed 0) under ``--out`` and prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import kfac_ext  # noqa: E402
+from timing import environment  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ADAM_GRID = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+GRIDS = {
+    "AdamW": ADAM_GRID,
+    "K-FAC": ADAM_GRID,
+    "K-FAC adamw": ADAM_GRID,
+    "K-FAC sgd": [0.01, 0.03, 0.1, 0.3, 1.0],
+    "SOAP": ADAM_GRID,
+}
+
+
+@dataclasses.dataclass
+class Workload:
+    """``make(seed)`` builds the model; ``batch(step, seed)`` the step's ``(input, target)``;
+    ``loss(output, input, target)`` the training loss; ``validate(model)`` the validation loss;
+    ``kfac_loss`` what K-FAC is told the loss is."""
+
+    make: Callable[[int], nn.Module]
+    batch: Callable[[int, int], tuple[Tensor, Tensor]]
+    loss: Callable[[Tensor, Tensor, Tensor], Tensor]
+    validate: Callable[[nn.Module], float]
+    kfac_loss: str
+    steps: int
+    evals: int = 12
+
+
+# ---- workloads -------------------------------------------------------------------------------
+
+
+def _text_workload(kind: str, steps: int, scale: int, device: torch.device) -> Workload:
+    import demo_text as dt
+
+    data = dt.CharData.build(dt.load_text())
+    context, batch = 64, 32 * scale
+    val_starts = torch.arange(0, len(data.val) - context - 1, context)[:256 * scale]
+    val = tuple(t.to(device) for t in dt.windows(data.val, val_starts, context))
+    d, vocab = 64 * scale, len(data.vocab)
+
+    def make(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        if kind == "char":
+            return dt.CharTransformer(vocab, context, d, 2, 4).to(device)
+        return _HFLogits(_gpt2(vocab, context, d)).to(device)
+
+    def batch_of(step: int, seed: int):
+        g = torch.Generator().manual_seed(1000 * seed + step)
+        return tuple(t.to(device) for t in dt.random_windows(data.train, batch, context, g))
+
+    def validate(model: nn.Module) -> float:
+        return dt.evaluate(model, val)
+
+    return Workload(make, batch_of, lambda out, x, y: dt.lm_loss(out, y), validate, "cross_entropy", steps)
+
+
+class _HFLogits(nn.Module):
+    """A Hugging Face causal LM as a module of token ids returning ``[B, T, V]`` logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.model(input_ids=ids).logits
+
+
+def _gpt2(vocab: int, context: int, d: int) -> nn.Module:
+    import transformers
+
+    config = transformers.GPT2Config(n_layer=2, n_embd=d, n_head=4, vocab_size=vocab, n_positions=context,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                                     eos_token_id=0, tie_word_embeddings=True)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _digits_workload(kind: str, steps: int, scale: int, device: torch.device) -> Workload:
+    import demo
+
+    splits = demo.load_splits()
+    x_train, y_train = (t.to(device) for t in splits["train"])
+    x_val, y_val = (t.to(device) for t in splits["val"])
+    batch = 128
+
+    def make(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        if kind == "autoencoder":
+            return demo._mlp([64, 256 * scale, 128 * scale, 32, 128 * scale, 256 * scale, 64], nn.Tanh).to(device)
+        c = 16 * scale
+        return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+                             nn.Conv2d(c, 2 * c, 3, padding=1, stride=2), nn.BatchNorm2d(2 * c), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(2 * c * 16, 10)).to(device)
+
+    def batch_of(step: int, seed: int):
+        g = torch.Generator().manual_seed(1000 * seed + step)
+        idx = torch.randint(0, len(x_train), (batch,), generator=g).to(device)
+        return x_train[idx], y_train[idx]
+
+    if kind == "autoencoder":
+        def loss(out, x, y):
+            return F.binary_cross_entropy_with_logits(out, x)
+    else:
+        def loss(out, x, y):
+            return F.cross_entropy(out, y)
+
+    @torch.no_grad()
+    def validate(model: nn.Module) -> float:
+        model.eval()
+        value = float(loss(model(x_val), x_val, y_val))
+        model.train()
+        return value
+
+    kfac_loss = "bce_with_logits" if kind == "autoencoder" else "cross_entropy"
+    return Workload(make, batch_of, loss, validate, kfac_loss, steps)
+
+
+WORKLOADS: dict[str, Callable[[int, int, torch.device], Workload]] = {
+    "char-transformer": lambda *args: _text_workload("char", *args),
+    "gpt2-tied": lambda *args: _text_workload("gpt2", *args),
+    "autoencoder": lambda *args: _digits_workload("autoencoder", *args),
+    "convnet-bn": lambda *args: _digits_workload("convnet", *args),
+}
+STEPS = {"char-transformer": 300, "gpt2-tied": 300, "autoencoder": 300, "convnet-bn": 200}
+
+
+# ---- optimizers ------------------------------------------------------------------------------
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float, kfac_loss: str):
+    if name == "AdamW":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    if name == "K-FAC":
+        return kfac_ext.KFAC(model, lr=lr, loss=kfac_loss)
+    if name == "K-FAC adamw":
+        return kfac_ext.KFAC(model, lr=lr, loss=kfac_loss, update="adamw")
+    if name == "K-FAC sgd":
+        return kfac_ext.KFAC(model, lr=lr, loss=kfac_loss, update="sgd")
+    if name == "SOAP":
+        import pytorch_optimizer
+
+        return pytorch_optimizer.SOAP(model.parameters(), lr=lr, weight_decay=0.0)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+#: Run unless --optimizers says otherwise ("K-FAC sgd", the slowest, on request).
+DEFAULT_OPTIMIZERS = ["AdamW", "K-FAC", "K-FAC adamw", "SOAP"]
+
+
+def available_optimizers() -> list[str]:
+    names = list(DEFAULT_OPTIMIZERS)
+    try:
+        import pytorch_optimizer  # noqa: F401
+    except ImportError:
+        names.remove("SOAP")
+    return names
+
+
+# ---- runs ------------------------------------------------------------------------------------
+
+
+def train(work: Workload, name: str, lr: float, seed: int) -> dict:
+    """One run; ``history`` rows are (step, training seconds, validation loss). A non-finite loss
+    ends the run (its validation loss is then inf)."""
+    model = work.make(seed)
+    opt = make_optimizer(name, model, lr, work.kfac_loss)
+    every = max(1, work.steps // work.evals)
+    history, seconds = [(0, 0.0, work.validate(model))], 0.0
+    for step in range(1, work.steps + 1):
+        x, y = work.batch(step, seed)
+        start = time.perf_counter()
+        opt.zero_grad()
+        loss = work.loss(model(x), x, y)
+        loss.backward()
+        opt.step()
+        if x.is_cuda:
+            torch.cuda.synchronize()  # the step's kernels belong to the step's time
+        seconds += time.perf_counter() - start
+        if not math.isfinite(loss.item()):
+            history.append((step, seconds, math.inf))
+            break
+        if step % every == 0 or step == work.steps:
+            history.append((step, seconds, work.validate(model)))
+    return dict(optimizer=name, lr=lr, seed=seed, history=history, final=history[-1][2],
+                ms_per_step=1e3 * seconds / max(1, history[-1][0]))
+
+
+def to_target(history: list, target: float) -> tuple[int | None, float | None]:
+    for step, seconds, loss in history:
+        if loss <= target:
+            return step, seconds
+    return None, None
+
+
+def run_workload(key: str, work: Workload, optimizers: list[str], seeds: int, progress) -> dict:
+    grid_runs = {name: [] for name in optimizers}
+    for name in optimizers:
+        for lr in GRIDS[name]:
+            grid_runs[name].append(train(work, name, lr, 0))
+            progress(f"{key} {name} lr={lr:g}")
+    picks = {name: min(runs, key=lambda r: r["final"]) for name, runs in grid_runs.items()}
+    target = picks["AdamW"]["final"]
+    rows = {}
+    for name in optimizers:
+        pick = picks[name]
+        runs = [pick] + [train(work, name, pick["lr"], seed) for seed in range(1, seeds)]
+        progress(f"{key} {name} seeds")
+        reached = [to_target(r["history"], target) for r in runs]
+        hit = [(s, t) for s, t in reached if s is not None]
+        rows[name] = dict(lr=pick["lr"], edge=pick["lr"] in (GRIDS[name][0], GRIDS[name][-1]),
+                          finals=[r["final"] for r in runs], ms_per_step=sum(r["ms_per_step"] for r in runs) / len(runs),
+                          reached=len(hit), seeds=len(runs),
+                          steps_to_target=sum(s for s, _ in hit) / len(hit) if hit else None,
+                          seconds_to_target=sum(t for _, t in hit) / len(hit) if hit else None,
+                          history=pick["history"])
+    grid = {name: [(r["lr"], r["final"]) for r in runs] for name, runs in grid_runs.items()}
+    return dict(target=target, rows=rows, grid=grid, steps=work.steps)
+
+
+def markdown(key: str, result: dict) -> str:
+    base = result["rows"]["AdamW"]
+    lines = [f"**{key}** ({result['steps']} steps; target {result['target']:.4f} = tuned AdamW's final "
+             "validation loss)", "",
+             "| optimizer | lr | final val loss (seeds) | reached | steps to target | vs AdamW | s to target | vs AdamW | ms/step |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in result["rows"].items():
+        finals = ", ".join(f"{v:.3f}" for v in r["finals"])
+        steps = f"{r['steps_to_target']:.0f}" if r["steps_to_target"] is not None else "—"
+        secs = f"{r['seconds_to_target']:.2f}" if r["seconds_to_target"] is not None else "—"
+        step_ratio = _ratio(r["steps_to_target"], base["steps_to_target"])
+        time_ratio = _ratio(r["seconds_to_target"], base["seconds_to_target"])
+        lr = f"{r['lr']:g}{' (edge)' if r['edge'] else ''}"
+        lines.append(f"| {name} | {lr} | {finals} | {r['reached']}/{r['seeds']} | {steps} | {step_ratio} | {secs} "
+                     f"| {time_ratio} | {r['ms_per_step']:.1f} |")
+    return "\n".join(lines)
+
+
+def _ratio(value, base) -> str:
+    return f"{value / base:.2f}x" if value is not None and base else "—"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(results), figsize=(4.2 * len(results), 6.5), squeeze=False)
+    for col, (key, result) in enumerate(results.items()):
+        for name, r in result["rows"].items():
+            steps, secs, losses = zip(*[h for h in r["history"] if math.isfinite(h[2])])
+            axes[0][col].plot(secs, losses, label=f"{name} ({r['lr']:g})")
+            axes[1][col].plot(steps, losses, label=name)
+        for row, xlabel in ((0, "training seconds"), (1, "steps")):
+            ax = axes[row][col]
+            ax.axhline(result["target"], color="k", lw=0.8, ls="--")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("validation loss")
+            ax.set_ylim(result["target"] * 0.9, result["rows"]["AdamW"]["history"][0][2] * 1.05)
+        axes[0][col].set_title(key, fontsize=9)
+        axes[0][col].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="50-step runs, 2 workloads, 1 seed (a smoke run)")
+    parser.add_argument("--workloads", default=None, help=f"comma-separated, from {','.join(WORKLOADS)}")
+    parser.add_argument("--optimizers", default=None, help=f"comma-separated, from {','.join(GRIDS)}")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--size", choices=("small", "large"), default="small")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    keys = args.workloads.split(",") if args.workloads else list(WORKLOADS)
+    if args.quick and not args.workloads:
+        keys = ["char-transformer", "autoencoder"]
+    optimizers = args.optimizers.split(",") if args.optimizers else available_optimizers()
+    if "AdamW" not in optimizers:
+        optimizers = ["AdamW"] + optimizers  # the target comes from it
+    seeds = 1 if args.quick else args.seeds
+    scale = 4 if args.size == "large" else 1
+    device = torch.device(args.device)
+    warnings.filterwarnings("ignore", message=r"KFACPreconditioner: block .* produced one row")
+    start = time.perf_counter()
+
+    def progress(label: str) -> None:
+        print(f"[{time.perf_counter() - start:6.0f}s] {label}", file=sys.stderr, flush=True)
+
+    results = {}
+    for key in keys:
+        work = WORKLOADS[key](50 if args.quick else STEPS[key], scale, device)
+        results[key] = run_workload(key, work, optimizers, seeds, progress)
+        print(markdown(key, results[key]) + "\n", flush=True)
+        args.out.mkdir(parents=True, exist_ok=True)  # after each workload: a cut-off run keeps its tables
+        (args.out / "time_to_target.json").write_text(json.dumps(
+            dict(environment=environment(device), size=args.size, grids=GRIDS, results=results), indent=1))
+    plot(results, args.out / "time_to_target.png")
+    print(f"time_to_target: {time.perf_counter() - start:.0f} s, {args.out}/time_to_target.png")
+
+
+if __name__ == "__main__":
+    main()
