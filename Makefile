@@ -2,7 +2,8 @@
 #   make demo    the main job: K-FAC vs SGD vs Adam on the digits data, and K-FAC vs AdamW on a
 #                character-level transformer (tables + plots)
 #   make test    build + the test suite (CPU; CUDA tests too when a GPU is present)
-#   make bench   quick benchmarks: ops and whole step, native vs pure-PyTorch reference
+#   make bench   quick benchmarks: ops and whole step, native vs pure-PyTorch reference; a
+#                1-minute time-to-target smoke run against AdamW (the full one: bench/time_to_target.py)
 # KFAC_EXT_WITH_CUDA=AUTO|ON|OFF picks the CUDA kernels (AUTO: iff torch is a CUDA build and
 # nvcc is found; CI uses ON so every .cu file is compiled).
 PYTHON ?= python3
@@ -31,6 +32,7 @@ test: build
 bench: build
 	$(PY) bench/bench_ops.py --quick
 	$(PY) bench/bench_step.py --quick
+	$(PY) bench/time_to_target.py --quick
 
 demo: build
 	$(PY) bench/demo.py

@@ -105,7 +105,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
     model = make_model(cfg["width"], cfg["layers"])
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     net = wrap(model)
-    opt = kfac_ext.KFAC(net, lr=0.01, momentum=0.9, loss="cross_entropy", damping=1e-2,
+    opt = kfac_ext.KFAC(net, update="sgd", lr=0.01, momentum=0.9, loss="cross_entropy", damping=1e-2,
                         inv_update_steps=INV_UPDATE_STEPS, grad_worker_fraction=cfg["fraction"])
     precond = opt.preconditioner
     for _ in range(cfg["warmup"]):

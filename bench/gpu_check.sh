@@ -202,8 +202,9 @@ part2() {
 }
 
 # Time to target at GPU sizes (bench/time_to_target.py --size large): the transformer workloads,
-# AdamW, K-FAC's rules and SOAP (pytorch_optimizer, offline: from a wheel in gpu-wheels/ if the
-# run carried one), learning rates swept, 2 seeds. Tables and JSON are written per workload.
+# AdamW, K-FAC's rules and SOAP (pytorch_optimizer: the device is offline, so fetch its wheel here
+# first, `pip download --no-deps -d gpu-wheels pytorch_optimizer==4.1.0`, and carry gpu-wheels/),
+# learning rates swept, 2 seeds. Tables and JSON are written per workload.
 part3() {
   PART_START=$SECONDS
   if ! $PY -P -c "import kfac_ext._C, kfac_ext; assert kfac_ext.build_info()['built_with_cuda']" >/dev/null 2>&1; then

@@ -313,6 +313,82 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+# ---- profile ---------------------------------------------------------------------------------
+
+KFAC_PHASES = {  # KFACPreconditioner phase -> what it does under the default rule
+    "gradients": "gather gradients [W, b], finiteness flag",
+    "update_curvature": "factor update: reduce captured rows (GEMMs), moving average",
+    "update_inverses": "eigendecompositions of A and G",
+    "write_directions": "rotate, Adam in the eigenbasis (moments into a new basis), rotate back, write .grad",
+}
+
+
+def profile(work: Workload, steps: int, block: int = 25) -> dict:
+    """Where a default K-FAC step's time goes over the whole step budget (early refreshes
+    included), next to AdamW on the same batches. The two alternate in blocks of ``block`` steps
+    so that both see the same machine state; the phases are timed by wrapping the
+    preconditioner's methods (the remainder of ``step()`` is AdamW on the other parameters,
+    the parameter move and Python)."""
+    runs = {}
+    for name in ("AdamW", "K-FAC"):
+        model = work.make(0)
+        opt = make_optimizer(name, model, 1e-3, work.kfac_loss)
+        timers = dict.fromkeys(["forward + backward (K-FAC: with capture hooks)", "optimizer step"], 0.0)
+        if name == "K-FAC":
+            for attr, label in KFAC_PHASES.items():
+                owner = opt.preconditioner.topology if attr == "gradients" else opt.preconditioner
+                timers[label] = 0.0
+                setattr(owner, attr, _timed(getattr(owner, attr), label, timers))
+        runs[name] = dict(model=model, opt=opt, timers=timers)
+    for start in range(1, steps + 1, block):
+        for run in runs.values():
+            for step in range(start, min(start + block, steps + 1)):
+                x, y = work.batch(step, 0)
+                t0 = time.perf_counter()
+                run["opt"].zero_grad()
+                work.loss(run["model"](x), x, y).backward()
+                _sync(x)
+                t1 = time.perf_counter()
+                run["opt"].step()
+                _sync(x)
+                run["timers"]["forward + backward (K-FAC: with capture hooks)"] += t1 - t0
+                run["timers"]["optimizer step"] += time.perf_counter() - t1
+    return {name: {k: 1e3 * v / steps for k, v in run["timers"].items()} for name, run in runs.items()}
+
+
+def _timed(fn, label: str, timers: dict):
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        timers[label] += time.perf_counter() - start
+        return result
+    return timed
+
+
+def _sync(x: Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize()
+
+
+def profile_markdown(key: str, steps: int, result: dict) -> str:
+    adamw, kfac = result["AdamW"], result["K-FAC"]
+    total_a, total_k = sum(adamw.values()), sum(kfac.values())
+    phases = sum(v for k, v in kfac.items() if k in KFAC_PHASES.values())
+    lines = [f"**{key}**: ms per step averaged over steps 1-{steps} (K-FAC's defaults; AdamW alongside)", "",
+             "| part | AdamW ms | K-FAC ms |", "|---|---:|---:|"]
+    for label in kfac:
+        if label == "optimizer step":
+            lines.append(f"| optimizer step, of which: | {adamw[label]:.2f} | {kfac[label]:.2f} |")
+        elif label in adamw:
+            lines.append(f"| {label} | {adamw[label]:.2f} | {kfac[label]:.2f} |")
+        else:
+            lines.append(f"| &nbsp;&nbsp;{label} | | {kfac[label]:.2f} |")
+    lines.append(f"| &nbsp;&nbsp;rest: AdamW on other parameters, parameter move, Python | | "
+                 f"{kfac['optimizer step'] - phases:.2f} |")
+    lines.append(f"| **step total** | **{total_a:.2f}** | **{total_k:.2f}** ({total_k / total_a:.2f}x) |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="50-step runs, 2 workloads, 1 seed (a smoke run)")
@@ -322,6 +398,8 @@ def main(argv=None) -> None:
     parser.add_argument("--size", choices=("small", "large"), default="small")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: where a default K-FAC step's time goes, next to AdamW (no sweep)")
     args = parser.parse_args(argv)
     keys = args.workloads.split(",") if args.workloads else list(WORKLOADS)
     if args.quick and not args.workloads:
@@ -338,6 +416,11 @@ def main(argv=None) -> None:
     def progress(label: str) -> None:
         print(f"[{time.perf_counter() - start:6.0f}s] {label}", file=sys.stderr, flush=True)
 
+    if args.profile:
+        for key in keys:
+            steps = 50 if args.quick else STEPS[key]
+            print(profile_markdown(key, steps, profile(WORKLOADS[key](steps, scale, device), steps)) + "\n", flush=True)
+        return
     results = {}
     for key in keys:
         work = WORKLOADS[key](50 if args.quick else STEPS[key], scale, device)

@@ -86,7 +86,7 @@ def main() -> None:
     rank, world, device, use_cuda = init_distributed(args.batch)
 
     model = DistributedDataParallel(make_model(device), device_ids=[device.index] if use_cuda else None)
-    optimizer = kfac_ext.KFAC(model, lr=0.05, momentum=0.9, loss="cross_entropy", damping=1e-2,
+    optimizer = kfac_ext.KFAC(model, update="sgd", lr=0.05, momentum=0.9, loss="cross_entropy", damping=1e-2,
                               kl_clip=1e-2, grad_worker_fraction=args.grad_worker_fraction)
     if rank == 0:
         print(f"{world} ranks ({'NCCL' if use_cuda else 'gloo'}), global batch {args.batch}")

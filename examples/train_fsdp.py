@@ -39,7 +39,7 @@ def main() -> None:
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    optimizer = kfac_ext.KFAC(model, lr=0.05, momentum=0.9, loss="cross_entropy", damping=1e-2, kl_clip=1e-2)
+    optimizer = kfac_ext.KFAC(model, update="sgd", lr=0.05, momentum=0.9, loss="cross_entropy", damping=1e-2, kl_clip=1e-2)
     if rank == 0:
         print(f"{world} ranks ({'NCCL' if use_cuda else 'gloo'}), FSDP2, global batch {args.batch}")
         print(optimizer.preconditioner)

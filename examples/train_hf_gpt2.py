@@ -32,7 +32,7 @@ def batch_of(rows):
 
 config = GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
 model = GPT2LMHeadModel(config)
-optimizer = kfac_ext.KFAC(model, lr=0.05, loss="cross_entropy")  # instead of torch.optim.AdamW(...)
+optimizer = kfac_ext.KFAC(model, lr=1e-3, loss="cross_entropy")  # instead of torch.optim.AdamW(lr=1e-3)
 print(optimizer.preconditioner)
 
 for step in range(60):

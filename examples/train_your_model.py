@@ -21,9 +21,9 @@ model = nn.Sequential(
 )
 images, labels = torch.randn(512, 1, 8, 8), torch.randint(0, 10, (512,))  # your data here
 
-# (1) instead of torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9):
-optimizer = kfac_ext.KFAC(model, lr=0.05, momentum=0.9, loss="cross_entropy", damping=1e-2, kl_clip=1e-2)
-print(optimizer.preconditioner)  # which layers K-FAC preconditions, which it leaves to SGD
+# (1) instead of torch.optim.AdamW(model.parameters(), lr=1e-3): Adam in the K-FAC eigenbasis
+optimizer = kfac_ext.KFAC(model, lr=1e-3, loss="cross_entropy")
+print(optimizer.preconditioner)  # which layers K-FAC preconditions, which it leaves to AdamW
 scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=50, gamma=0.5)
 
 for step in range(100):

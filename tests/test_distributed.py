@@ -112,6 +112,13 @@ def kfac_args(mode: str | None, inversion: str, fisher_type: str, **extra) -> di
                 damping=1e-2, inv_update_steps=2, factor_dtype=F64, inv_dtype=F64, **extra)
 
 
+def eigen_adam_args(mode: str | None) -> dict:
+    """KFAC's defaults (update="eigen-adam", empirical factors), inverses every 2 steps."""
+    args = kfac_args(mode, "eigen", "type-2", weight_decay=0.01)
+    del args["momentum"], args["damping"]
+    return {**args, "update": "eigen-adam", "fisher_type": "empirical", "lr": 1e-2}
+
+
 # name -> spec. mode "a": inverses broadcast (grad_worker_fraction=1); "b": owners precondition
 # and broadcast the result (grad_worker_fraction=0). wrap: "ddp" or "manual" (an unwrapped model,
 # gradients all-reduced by hand).
@@ -187,14 +194,20 @@ SCENARIOS = {
     # the golden values were (golden=False).
     "unequal": dict(kfac=kfac_args("a", "eigen", "type-2"), wrap="ddp", steps=3, split={2: [0, 4, 12], 3: [0, 2, 5, 12]},
                     reference=False, golden=False),
+    # KFAC's default rule, Adam in the eigenbasis (its moments kept by the rank that
+    # preconditions a block; under FSDP2 the moves are on the local shards): every mode.
+    "eigen-adam-a": dict(kfac=eigen_adam_args("a"), wrap="ddp", steps=5, golden=False),
+    "eigen-adam-b": dict(kfac=eigen_adam_args("b"), wrap="ddp", steps=5, golden=False),
+    "fsdp-eigen-adam-a": dict(kfac=eigen_adam_args("a"), wrap="fsdp", steps=5, golden=False),
+    "fsdp-eigen-adam": dict(kfac=eigen_adam_args(None), wrap="fsdp", steps=5, golden=False),
 }
 RUNS = {
     2: ["a-eigen-type2", "b-cholesky-empirical", "nan-input", "nan-statistics", "fail-a", "fail-b",
         "ckpt-a", "ckpt-b", "mc", "fsdp-a-eigen-type2", "fsdp-b-cholesky-empirical", "fsdp-nan-input",
         "fsdp-mc", "fsdp-bf16", "fsdp-ckpt", "fsdp-inplace-type2", "adaptive", "fsdp-adaptive", "fsdp-gpt2",
-        "fsdp-resnet18", "unequal"],
+        "fsdp-resnet18", "unequal", "eigen-adam-a", "eigen-adam-b", "fsdp-eigen-adam-a", "fsdp-eigen-adam"],
     3: ["a-cholesky-empirical-manual", "b-eigen-type2", "subgroup", "fsdp-a-eigen-type2", "fsdp-inplace-type2",
-        "fsdp-resume", "fsdp-adaptive", "fsdp-gpt2", "fsdp-empty-shard", "unequal"],
+        "fsdp-resume", "fsdp-adaptive", "fsdp-gpt2", "fsdp-empty-shard", "unequal", "eigen-adam-b", "fsdp-eigen-adam"],
 }
 
 
@@ -250,7 +263,7 @@ def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None =
         for unit in fsdp_units(model):
             fully_shard(unit, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
-    opt = KFAC(net, update="sgd", **spec["kfac"], process_group=group)
+    opt = KFAC(net, **{"update": "sgd", **spec["kfac"]}, process_group=group)
     precond = opt.preconditioner
     first = 0
     if resume is not None:
