@@ -63,6 +63,7 @@ T_REAL = "tests/test_real_models.py"
 T_ROBUST = "tests/test_robustness.py"
 T_CKPT = "tests/test_amp_and_checkpoints.py"
 T_DIST = "tests/test_distributed.py"
+T_RULES = "tests/test_update_rules.py"
 
 EXACT_FISHER = [f"{T_LAYERS}::test_exact_fisher_embedding_one_token", f"{T_LAYERS}::test_exact_fisher_hf_conv1d_one_input",
                 f"{T_LAYERS}::test_exact_fisher_conv1d_reduce_with_mean_pooling_not_expand",
@@ -263,6 +264,22 @@ MUTATIONS = [
        "weight = weight / scale",
        [f"{T_ROBUST}::test_grad_scaler_empirical_factors_are_unscaled"],
        "the loss scale divided out of g once, not out of g gᵀ"),
+    _m("eigen-adam-v-kept", "update.py",
+       'state["exp_avg_sq"] = _rotate(state["exp_avg_sq"], (r_g * r_g).mT, None if r_a is None else r_a * r_a)',
+       'pass',
+       [f"{T_RULES}::test_eigen_adam_is_adam_in_the_factor_eigenbasis",
+        f"{T_RULES}::test_mobilenet_v3_small_trains_from_its_first_bases_without_a_spike"],
+       "Adam's second moments kept, not carried into the new eigenbasis (SOAP's choice)"),
+    _m("eigen-adam-m-kept", "update.py",
+       'state["exp_avg"] = _rotate(state["exp_avg"], r_g.mT, r_a)',
+       'pass',
+       [f"{T_RULES}::test_eigen_adam_is_adam_in_the_factor_eigenbasis"],
+       "Adam's first moments left in the old eigenbasis"),
+    _m("eigen-adam-no-bias-correction", "update.py",
+       "u = (m / (1 - beta1**count)) / ((v / (1 - beta2**count)).sqrt() + self.eps)",
+       "u = m / (v.sqrt() + self.eps)",
+       [f"{T_RULES}::test_eigen_adam_is_adam_in_the_factor_eigenbasis"],
+       "Adam's bias correction dropped in the eigenbasis"),
 ]
 
 
