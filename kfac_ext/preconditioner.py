@@ -19,19 +19,17 @@ from torch import Tensor, nn
 
 from . import ops as native_ops
 from . import reference as reference_ops
-from .capture import FISHER_TYPES, Capture, CaptureSettings, default_loss_mask, default_output_fn, make_fisher
+from .capture import Capture, CaptureSettings, default_loss_mask, default_output_fn, make_fisher
 from .curvature import Curvature
 from .inverse import Inverses, kl_clip_scale
-from .layers import KFAC_APPROXIMATIONS, Block, find_blocks
-from .losses import Loss, make_loss
+from .layers import Block, find_blocks
+from .losses import Loss
+from .settings import check_choice, make_checked_loss, resolve_kl_clip, validate
 from .topology import choose, unwrap_model
-from .util import Counters, Schedule, value, warn_once
+from .util import Counters, Schedule, flush_denormals, value, warn_once
 
 __all__ = ["KFACPreconditioner", "default_output_fn", "default_loss_mask"]
 
-INVERSIONS = ("eigen", "cholesky")
-DAMPING_MODES = ("tikhonov", "pi", "eigen")
-DEFAULT_KL_CLIP = 1e-3
 COUNTERS = ("factor_updates", "inverse_updates", "skipped_factor_updates", "nonfinite_grad_steps",
             "failed_inversions", "fp64_retries", "kl_clip_scale", "discarded_micro_batches")
 
@@ -133,12 +131,12 @@ class KFACPreconditioner:
         grad_worker_fraction: float | None = None,
         process_group: Any = None,
     ):
-        _validate(fisher_type, kfac_approx, inversion, damping_mode, backend, factor_dtype, inv_dtype, mc_samples,
+        validate(fisher_type, kfac_approx, inversion, damping_mode, backend, factor_dtype, inv_dtype, mc_samples,
                   grad_accumulation_steps)
-        self.loss = _loss(loss, reduction, fisher_type)
+        self.loss = make_checked_loss(loss, reduction, fisher_type)
         self.reduction = self.loss.reduction if self.loss is not None else reduction
-        _check_choice("reduction", self.reduction, ("mean", "sum"))
-        kl_clip = _kl_clip(kl_clip, lr)
+        check_choice("reduction", self.reduction, ("mean", "sum"))
+        kl_clip = resolve_kl_clip(kl_clip, lr)
 
         self.model = model = unwrap_model(model)  # DDP / compile: hooks and names on the inner module
         self.fisher_type, self.mc_samples, self.kfac_approx = fisher_type, mc_samples, kfac_approx
@@ -233,20 +231,21 @@ class KFACPreconditioner:
         ran = [b for b in self.blocks if b.weight.grad is not None]
         if not ran:
             raise RuntimeError("KFACPreconditioner.step(): no block has a gradient; call loss.backward() before step()")
-        for block in ran:
-            block.ensure_bias_grad()
-        grads, finite = self.topology.gradients(self.blocks, ran)
-        self.last_raw_gradients = grads
-        if self._is_factor_step():
-            self.registration.check_unchanged(self.model)
-            if not self.update_curvature(finite):
-                return self._skip_nonfinite_step(ran, finite)
-        if self.curvature and (self.inverses.records.keys() != self.curvature.a.keys() or self._is_inverse_step()):
-            self.update_inverses()
-        self.write_directions(grads, finite)
-        self.count_nonfinite(~finite)
-        self._finish_step()
-        return finite
+        with flush_denormals():  # subnormals from low-rank factors' eigenvectors slow every CPU op on them
+            for block in ran:
+                block.ensure_bias_grad()
+            grads, finite = self.topology.gradients(self.blocks, ran)
+            self.last_raw_gradients = grads
+            if self._is_factor_step():
+                self.registration.check_unchanged(self.model)
+                if not self.update_curvature(finite):
+                    return self._skip_nonfinite_step(ran, finite)
+            if self.curvature and (self.inverses.records.keys() != self.curvature.a.keys() or self._is_inverse_step()):
+                self.update_inverses()
+            self.write_directions(grads, finite)
+            self.count_nonfinite(~finite)
+            self._finish_step()
+            return finite
 
     # The phases of step(), in its order; public for benchmarks and for tests that time or
     # inspect one phase (e.g. update_inverses() right after load_state_dict).
@@ -413,46 +412,6 @@ class KFACPreconditioner:
 
     def remove_hooks(self) -> None:
         self.capture.remove_hooks()
-
-
-def _validate(fisher_type, kfac_approx, inversion, damping_mode, backend, factor_dtype, inv_dtype, mc_samples,
-              grad_accumulation_steps) -> None:
-    _check_choice("fisher_type", fisher_type, FISHER_TYPES)
-    _check_choice("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
-    _check_choice("inversion", inversion, INVERSIONS)
-    _check_choice("damping_mode", damping_mode, DAMPING_MODES)
-    _check_choice("backend", backend, ("native", "reference"))
-    if damping_mode == "eigen" and inversion != "eigen":
-        raise ValueError("damping_mode='eigen' (exact λ_G λ_Aᵀ + γ) needs inversion='eigen'")
-    for name, dtype in (("factor_dtype", factor_dtype), ("inv_dtype", inv_dtype)):
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"{name} must be torch.float32 or torch.float64, got {dtype}")
-    if mc_samples < 1 or grad_accumulation_steps < 1:
-        raise ValueError("mc_samples and grad_accumulation_steps must be >= 1")
-
-
-def _loss(loss, reduction: str, fisher_type: str) -> Loss | None:
-    made = make_loss(loss, reduction)
-    if made is None and fisher_type != "empirical":
-        raise ValueError(
-            f"fisher_type={fisher_type!r} samples targets from the model's predictive "
-            "distribution and needs loss='cross_entropy', 'mse' or 'bce_with_logits'; "
-            "use fisher_type='empirical' for other losses"
-        )
-    return made
-
-
-def _kl_clip(kl_clip, lr):
-    if kl_clip == "auto":
-        kl_clip = DEFAULT_KL_CLIP if lr is not None else None
-    if kl_clip is not None and lr is None:
-        raise ValueError("kl_clip needs lr (a number or a callable of the step)")
-    return kl_clip
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
 def _bytes(tensors: list[Tensor]) -> int:

@@ -3,6 +3,8 @@ bytes, warnings given once, a Kronecker product with a possibly diagonal side, t
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any, TypeVar
 
@@ -122,3 +124,30 @@ class Counters(dict):
             self["kl_clip_scale"] = float(self._kl_scale)
             self._kl_scale = None
         return self
+
+
+@contextlib.contextmanager
+def flush_denormals():
+    """Subnormal floats are flushed to zero by this thread's CPU arithmetic while the block runs,
+    and the previous setting comes back after. The eigendecomposition of a low-rank factor makes
+    subnormals, and x86 arithmetic on them is up to ~100x slower: torchvision ResNet-18 on a
+    batch of 8 (layer4's A is 4609 wide with rank <= 8) took 69-82 s per inversion step instead
+    of 28-34 s. K-FAC uses nothing below float32's 1.2e-38."""
+    was_on = _flushing_denormals()
+    if not was_on:
+        torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if not was_on:
+            torch.set_flush_denormal(False)
+
+
+def _flushing_denormals() -> bool:
+    """Whether this thread already flushes subnormals (torch has no getter): a float32 subnormal
+    times one is zero then. Without numpy, assume not."""
+    try:
+        import numpy as np
+    except ImportError:
+        return False
+    return bool(np.float32(1e-39) * np.float32(1.0) == 0)
