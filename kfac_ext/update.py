@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .fsdp import local
 from .inverse import EigenPair
+from .util import group_by
 
 if TYPE_CHECKING:
     from .inverse import Inverses
@@ -85,17 +86,22 @@ def masked_adamw(params: list[Tensor], states: list[dict], ok: Tensor, *, lr: fl
     local_params = [local(p) for p in params]
     grads = [torch.where(ok, local(p.grad), 0.0) for p in params]
     m, v = [local(s["exp_avg"]) for s in states], [local(s["exp_avg_sq"]) for s in states]
-    torch._foreach_add_([s["step"] for s in states], ok.to(torch.float32))
+    steps = [s["step"] for s in states]
+    torch._foreach_add_(steps, ok.to(torch.float32))
     if weight_decay:
         torch._foreach_mul_(local_params, 1.0 - lr * weight_decay * okf)
     torch._foreach_mul_(m, torch.where(ok, okf.new_tensor(beta1), 1.0))
     torch._foreach_add_(m, grads, alpha=1 - beta1)
     torch._foreach_mul_(v, torch.where(ok, okf.new_tensor(beta2), 1.0))
     torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-    for p, mi, vi, s in zip(local_params, m, v, states):
-        count = s["step"].double().clamp_min(1.0)  # never stepped (every step skipped so far): m = 0
-        denom = (vi / (1 - beta2**count)).sqrt_().add_(eps)
-        p.addcdiv_(mi * (okf * -lr / (1 - beta1**count)), denom)
+    # the bias corrections of every parameter at once, in float64 (per-parameter steps)
+    counts = torch.stack(steps).double().clamp_min(1.0)  # never stepped (every step skipped so far): m = 0
+    step_sizes = (okf * -lr / (1 - beta1**counts)).unbind()
+    denom = torch._foreach_sqrt(torch._foreach_div(v, (1 - beta2**counts).unbind()))
+    torch._foreach_add_(denom, eps)
+    updates = torch._foreach_div(m, denom)
+    torch._foreach_mul_(updates, step_sizes)
+    torch._foreach_add_(local_params, updates)
 
 
 def masked_move(params: list[Tensor], ok: Tensor, *, lr: float, weight_decay: float) -> None:
@@ -124,38 +130,77 @@ class EigenbasisAdam:
     def __init__(self, inverses: Inverses, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         self.inverses, self.betas, self.eps = inverses, betas, eps
         self.state: dict[str, dict[str, Any]] = {}
+        self._stacks: dict[tuple, tuple] = {}
 
     def __call__(self, blocks: list[Block], grads: list[Tensor], finite: Tensor) -> list[Tensor]:
-        return [self._direction(b, g, finite) for b, g in zip(blocks, grads)]
+        """The directions of ``blocks`` (zeros where ``finite`` is False: then no state changes).
+        Blocks whose gradients and bases have one shape go through together: one batched
+        rotation and one Adam update per shape group, not one per block (on small models the
+        per-op cost, not the arithmetic, sets a step's time)."""
+        directions: list[Tensor | None] = [None] * len(blocks)
+        by_shape = group_by(range(len(blocks)), lambda i: self._group_key(blocks[i], grads[i]))
+        for members in by_shape.values():
+            out = self._group_directions([blocks[i] for i in members], [grads[i] for i in members], finite)
+            for i, d in zip(members, out):
+                directions[i] = d.to(grads[i].dtype)
+        return directions
 
-    def _direction(self, block: Block, grad: Tensor, finite: Tensor) -> Tensor:
-        beta1, beta2 = self.betas
+    def _group_key(self, block: Block, grad: Tensor) -> tuple:
         rec_a, rec_g = self.inverses.records[block.name]
         assert isinstance(rec_a, EigenPair) and isinstance(rec_g, EigenPair), "eigen-adam needs eigenpairs"
+        q_a = rec_a.vectors
+        return tuple(grad.shape), q_a is None, rec_g.vectors.dtype, grad.device
+
+    def _group_directions(self, blocks: list[Block], grads: list[Tensor], finite: Tensor) -> list[Tensor]:
+        beta1, beta2 = self.betas
+        states = [self._state_in_current_basis(b, g) for b, g in zip(blocks, grads)]
+        q_g, q_a = self._stacked_bases(blocks, states)
+        g = torch.where(finite, _rotate(torch.stack(grads).to(q_g.dtype), q_g, q_a), 0.0)
+        # lerp with weight 0 (a skipped step) leaves a moment exactly as it was
+        keep = finite.to(g.dtype)
+        m = torch.stack([s["exp_avg"] for s in states]).lerp_(g, keep * (1 - beta1))
+        v = torch.stack([s["exp_avg_sq"] for s in states]).lerp_(g * g, keep * (1 - beta2))
+        count = torch.stack([s["step"] for s in states]) + finite.to(torch.float32)
+        steps = count.double().clamp_min(1.0)[:, None, None]  # never stepped (all skipped): m = 0
+        c1, c2 = ((1 - beta**steps).to(m.dtype) for beta in (beta1, beta2))  # bias corrections, per block
+        u = (m / c1) / ((v / c2).sqrt() + self.eps)
+        for i, s in enumerate(states):
+            s["exp_avg"], s["exp_avg_sq"], s["step"] = m[i], v[i], count[i]
+        return _rotate_back(torch.where(finite, u, 0.0), q_g, q_a).unbind()
+
+    def _stacked_bases(self, blocks: list[Block], states: list[dict[str, Any]]) -> tuple[Tensor, Tensor | None]:
+        """``Q_G`` and ``Q_A`` of a shape group stacked, kept until a member's basis changes."""
+        key = tuple(b.name for b in blocks)
+        bases = [(s["q_g"], s["q_a"]) for s in states]
+        kept = self._stacks.get(key)
+        if kept is None or any(g is not g0 or a is not a0 for (g, a), (g0, a0) in zip(bases, kept[0])):
+            q_g = torch.stack([g for g, _ in bases])
+            q_a = None if bases[0][1] is None else torch.stack([a for _, a in bases])
+            kept = self._stacks[key] = (bases, q_g, q_a)
+        return kept[1], kept[2]
+
+    def _state_in_current_basis(self, block: Block, grad: Tensor) -> dict[str, Any]:
+        """The block's moments, created (zeros) on first use, carried into the current basis
+        when an inversion refreshed it."""
+        rec_a, rec_g = self.inverses.records[block.name]
         q_a, q_g = rec_a.vectors, rec_g.vectors
-        g = _rotate(grad.to(q_g.dtype), q_g, q_a)
         state = self.state.get(block.name)
         if state is None:
-            state = self.state[block.name] = dict(step=torch.zeros((), dtype=torch.float32, device=g.device),
-                                                  exp_avg=torch.zeros_like(g), exp_avg_sq=torch.zeros_like(g),
-                                                  q_a=q_a, q_g=q_g)
-        elif state["q_g"] is not q_g or state["q_a"] is not q_a:  # a new basis: carry the moments over
+            zeros = torch.zeros(grad.shape, dtype=q_g.dtype, device=grad.device)
+            state = self.state[block.name] = dict(step=torch.zeros((), dtype=torch.float32, device=grad.device),
+                                                  exp_avg=zeros, exp_avg_sq=zeros.clone(), q_a=q_a, q_g=q_g)
+        elif state["q_g"] is not q_g or state["q_a"] is not q_a:
             r_g = q_g.mT @ state["q_g"]  # old coordinates -> new
             r_a = None if q_a is None else state["q_a"].mT @ q_a
             state["exp_avg"] = _rotate(state["exp_avg"], r_g.mT, r_a)
             # v of independent coordinates: E[(R x)_i²] = Σ_j R_ij² v_j on each side
             state["exp_avg_sq"] = _rotate(state["exp_avg_sq"], (r_g * r_g).mT, None if r_a is None else r_a * r_a)
             state["q_a"], state["q_g"] = q_a, q_g
-        state["step"] += finite.to(torch.float32)
-        m = state["exp_avg"] = torch.where(finite, state["exp_avg"] * beta1 + g * (1 - beta1), state["exp_avg"])
-        v = state["exp_avg_sq"] = torch.where(finite, state["exp_avg_sq"] * beta2 + g * g * (1 - beta2),
-                                              state["exp_avg_sq"])
-        count = state["step"].double().clamp_min(1.0)
-        u = (m / (1 - beta1**count)) / ((v / (1 - beta2**count)).sqrt() + self.eps)
-        return _rotate_back(u, q_g, q_a).to(grad.dtype)
+        return state
 
     def state_dict(self) -> dict[str, dict[str, Tensor]]:
-        return {name: {k: v for k, v in s.items() if k in ("step", "exp_avg", "exp_avg_sq")}
+        # clones: the moments are views into their shape group's last update
+        return {name: {k: v.clone() for k, v in s.items() if k in ("step", "exp_avg", "exp_avg_sq")}
                 for name, s in self.state.items()}
 
     def load_state_dict(self, state: dict[str, dict[str, Tensor]], devices: dict[str, torch.device]) -> None:
