@@ -372,8 +372,8 @@ def _sync(x: Tensor) -> None:
 
 def profile_markdown(key: str, steps: int, result: dict) -> str:
     adamw, kfac = result["AdamW"], result["K-FAC"]
-    total_a, total_k = sum(adamw.values()), sum(kfac.values())
     phases = sum(v for k, v in kfac.items() if k in KFAC_PHASES.values())
+    total_a, total_k = sum(adamw.values()), sum(kfac.values()) - phases  # the phases are inside the step
     lines = [f"**{key}**: ms per step averaged over steps 1-{steps} (K-FAC's defaults; AdamW alongside)", "",
              "| part | AdamW ms | K-FAC ms |", "|---|---:|---:|"]
     for label in kfac:
