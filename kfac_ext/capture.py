@@ -170,6 +170,7 @@ class CaptureSettings:
     grad_accumulation_steps: int
     factor_dtype: torch.dtype
     grad_scaler: Any
+    factor_rows: int | None = None
 
 
 class Capture:
@@ -204,7 +205,7 @@ class Capture:
         """Drops the pending micro-batch and this step's statistics."""
         self.pending_a: dict[str, list[Tensor]] = {}  # this micro-batch's inputs, by block
         self.pending_g: dict[str, list[tuple[Tensor, float | Tensor]]] = {}  # its gradient rows and weights
-        self.statistics = Statistics()
+        self.statistics = Statistics(max_rows=self.settings.factor_rows)
         self.taps: list[GradientEdge] = []  # this forward's block outputs, for the sampled backward
         self._batch_rows: list[tuple[int, list[str]]] = []  # this forward's output rows, by blocks
 
@@ -351,6 +352,8 @@ class Capture:
         a_items = [(by_name[name], xs) for name, xs in self.pending_a.items()]
         g_items = [(by_name[name], chunks) for name, chunks in self.pending_g.items()]
         self.pending_a, self.pending_g = {}, {}
+        # the strided row subset moves on with every reduction (and resumes from a checkpoint)
+        self.statistics.phase = self._counters.get("factor_updates", 0) + self.statistics.forwards
         self.statistics.add_activations(a_items, self.ops, self.settings.factor_dtype)
         self.statistics.add_gradients(g_items, self.ops, self.settings.factor_dtype)
 

@@ -81,6 +81,10 @@ class KFACPreconditioner:
             callable of the step. ``kl_clip`` rescales the update so that ``lr² Σ ⟨v, g⟩ <=
             kl_clip``; ``"auto"`` (default) is 1e-3 when ``lr`` is known, else off; None is off.
         grad_accumulation_steps: micro-batches (forward + backward) per ``step()``.
+        factor_rows: at most about this many rows (tokens, pixels, examples) of each block's
+            micro-batch enter its factor sums: every ``k``-th row, from an offset that moves on
+            with every factor update, the sum rescaled to all rows (unbiased). The factor GEMMs'
+            cost falls by ``k``; None (default) takes every row.
         factor_dtype, inv_dtype: float32 or float64 (activations may be bf16/fp16).
         grad_scaler: the ``torch.amp.GradScaler`` scaling your backward: ``"empirical"`` factors
             are unscaled, overflowing steps are left to it, and a step it skipped (a micro-batch
@@ -121,6 +125,7 @@ class KFACPreconditioner:
         lr: Schedule | None = None,
         kl_clip: Schedule | str | None = "auto",
         grad_accumulation_steps: int = 1,
+        factor_rows: int | None = None,
         factor_dtype: torch.dtype = torch.float32,
         inv_dtype: torch.dtype = torch.float32,
         grad_scaler: torch.amp.GradScaler | None = None,
@@ -132,7 +137,7 @@ class KFACPreconditioner:
         process_group: Any = None,
     ):
         validate(fisher_type, kfac_approx, inversion, damping_mode, backend, factor_dtype, inv_dtype, mc_samples,
-                  grad_accumulation_steps)
+                  grad_accumulation_steps, factor_rows)
         self.loss = make_checked_loss(loss, reduction, fisher_type)
         self.reduction = self.loss.reduction if self.loss is not None else reduction
         check_choice("reduction", self.reduction, ("mean", "sum"))
@@ -145,7 +150,7 @@ class KFACPreconditioner:
         self.damping, self.factor_decay = damping, factor_decay
         self.factor_update_steps, self.inv_update_steps = factor_update_steps, inv_update_steps
         self.lr, self.kl_clip = lr, kl_clip
-        self.grad_accumulation_steps = grad_accumulation_steps
+        self.grad_accumulation_steps, self.factor_rows = grad_accumulation_steps, factor_rows
         self.factor_dtype, self.inv_dtype = factor_dtype, inv_dtype
         self.grad_scaler = grad_scaler
         self.backend, self.seed = backend, seed
@@ -168,7 +173,7 @@ class KFACPreconditioner:
         self.curvature = Curvature()
         self.inverses = Inverses(ops, inversion, inversion == "cholesky" or damping_mode != "eigen", inv_dtype)
         settings = CaptureSettings(make_fisher(fisher_type, mc_samples), self.loss, self.reduction, output_fn,
-                                   loss_mask_fn, grad_accumulation_steps, factor_dtype, grad_scaler)
+                                   loss_mask_fn, grad_accumulation_steps, factor_dtype, grad_scaler, factor_rows)
         self.capture = Capture(model, self.blocks, self.registration.installs, settings, factor_step=self._is_factor_step,
                                ops=ops, generator=self.generator, counters=self._stats, warned=self._warned)
         #: ``(blocks, grads, finite) -> directions`` in place of the K-FAC direction, or None (the

@@ -15,7 +15,7 @@ DEFAULT_KL_CLIP = 1e-3
 
 
 def validate(fisher_type, kfac_approx, inversion, damping_mode, backend, factor_dtype, inv_dtype, mc_samples,
-              grad_accumulation_steps) -> None:
+              grad_accumulation_steps, factor_rows=None) -> None:
     check_choice("fisher_type", fisher_type, FISHER_TYPES)
     check_choice("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
     check_choice("inversion", inversion, INVERSIONS)
@@ -28,6 +28,8 @@ def validate(fisher_type, kfac_approx, inversion, damping_mode, backend, factor_
             raise ValueError(f"{name} must be torch.float32 or torch.float64, got {dtype}")
     if mc_samples < 1 or grad_accumulation_steps < 1:
         raise ValueError("mc_samples and grad_accumulation_steps must be >= 1")
+    if factor_rows is not None and (not isinstance(factor_rows, int) or factor_rows < 1):
+        raise ValueError(f"factor_rows must be None or an int >= 1, got {factor_rows!r}")
 
 
 def make_checked_loss(loss, reduction: str, fisher_type: str) -> Loss | None:

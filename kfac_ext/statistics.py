@@ -24,6 +24,22 @@ class Statistics:
     a_rows: dict[str, int] = dataclasses.field(default_factory=dict)
     g_sum: dict[str, Tensor] = dataclasses.field(default_factory=dict)
     forwards: int = 0
+    #: at most about this many rows of a block's micro-batch enter its sums (None: all of them)
+    max_rows: int | None = None
+    #: which of the strided subsets :meth:`subsample` takes (advanced by the caller, per reduction)
+    phase: int = 0
+
+    def subsample(self, rows: Tensor) -> tuple[Tensor, float]:
+        """Every ``k``-th row from offset ``phase mod k`` (``k = ⌈N / max_rows⌉``) and ``N / n``,
+        the factor that keeps a sum over them an unbiased estimate of the sum over all ``N``:
+        successive reductions walk through every offset, and a stride, unlike a random pick,
+        needs no generator and is reproducible from the factor-update count alone."""
+        n = rows.shape[0]
+        if self.max_rows is None or n <= self.max_rows:
+            return rows, 1.0
+        stride = -(-n // self.max_rows)
+        picked = rows[self.phase % stride::stride].contiguous()
+        return picked, n / picked.shape[0]
 
     def add_activations(self, items: list[tuple[Block, list[Tensor]]], ops, dtype: torch.dtype) -> None:
         """Adds ``Σ ā āᵀ`` of each block's inputs ``xs`` (and their row count)."""
@@ -39,7 +55,7 @@ class Statistics:
                     self.a_rows[block.name] = self.a_rows.get(block.name, 0) + count
                     same_rows.append((block, first))
                 continue
-            rows = _cat([block.activation_rows(x) for x in xs])
+            rows, _ = self.subsample(_cat([block.activation_rows(x) for x in xs]))  # the count says how many
             firsts[key] = (block, rows.shape[0])
             if rows.shape[0] == 0:  # e.g. an expert no token was routed to
                 continue
@@ -64,7 +80,7 @@ class Statistics:
     def add_gradients(self, items: list[tuple[Block, list[tuple[Tensor, float | Tensor]]]], ops, dtype: torch.dtype
                       ) -> None:
         """Adds ``Σ w g gᵀ`` of each block's gradient rows and their weights."""
-        work = [(block, _weighted_cat(chunks)) for block, chunks in items]
+        work = [(block, self._subsampled(*_weighted_cat(chunks))) for block, chunks in items]
         work = [(block, (g, w)) for block, (g, w) in work if g.shape[0] > 0]
         for batch in batched_by_bytes(work, lambda item: _nbytes(item[1][0]), FLUSH_BYTES):
             sums = [torch.empty(b.g_dim, b.g_dim, dtype=dtype, device=g.device) for b, (g, _) in batch]
@@ -72,6 +88,11 @@ class Statistics:
             _sum_outer_products(ops, sums, [g for _, (g, _) in batch], scales, [False] * len(batch))
             for (block, (_, w)), total in zip(batch, sums):
                 _accumulate(self.g_sum, block.name, total.mul_(w) if isinstance(w, Tensor) else total)
+
+
+    def _subsampled(self, rows: Tensor, weight: float | Tensor) -> tuple[Tensor, float | Tensor]:
+        rows, scale = self.subsample(rows)
+        return rows, weight if scale == 1.0 else weight * scale
 
 
 def _sum_outer_products(ops, outs, xs, scales, append_ones) -> None:

@@ -8,6 +8,8 @@ targets, Hessian square-root columns, or the real labels' per-example gradients)
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -251,3 +253,34 @@ def test_kfac_update_invariant_to_affine_input_reparametrisation():
     moved_first, moved_second = updates(moved, x @ m.T + c)
     torch.testing.assert_close(moved_first, delta_first @ torch.linalg.inv(t), rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(moved_second, delta_second, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("fisher_type", ["empirical", "mc"])
+def test_factor_rows_subsets_partition_the_rows_over_successive_updates(fisher_type):
+    """factor_rows=6 on 18 rows per micro-batch (the [B, T, d] model's first layer): each update
+    sums every 3rd row from an offset that moves on, rescaled; over 3 updates of one batch the
+    subsets partition the rows, so the mean of the three step factors (factor_decay=0) is the
+    all-rows factor. The head's 6 rows are all taken. Monte Carlo targets differ per step, so
+    there only A is compared."""
+    torch.manual_seed(SEED)
+    model, x = make_model("seq", 3)
+    twin = copy.deepcopy(model)
+    y = torch.randint(0, 3, (x.shape[0],))
+    full = KFACPreconditioner(twin, "cross_entropy", fisher_type=fisher_type, factor_dtype=torch.float64)
+    sub = KFACPreconditioner(model, "cross_entropy", fisher_type=fisher_type, factor_dtype=torch.float64,
+                             factor_rows=6, factor_decay=0.0)
+    steps = []
+    for net, precond in [(twin, full)] + [(model, sub)] * 3:  # no optimizer: the weights stay
+        net.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        precond.step()
+        steps.append({name: (a.clone(), g.clone()) for name, (a, g) in precond.factors().items()})
+    want, got = steps[0], steps[1:]
+    for name in want:
+        a_mean = sum(s[name][0] for s in got) / 3
+        torch.testing.assert_close(a_mean, want[name][0], rtol=1e-12, atol=1e-14, msg=f"A of {name}")
+        if fisher_type == "empirical":
+            g_mean = sum(s[name][1] for s in got) / 3
+            torch.testing.assert_close(g_mean, want[name][1], rtol=1e-12, atol=1e-14, msg=f"G of {name}")
+    assert not torch.allclose(got[0]["inner"][0], got[1]["inner"][0])  # each update saw other rows
+    assert torch.equal(got[0]["head"][0], want["head"][0])  # 6 rows <= 6: all of them, unscaled

@@ -294,10 +294,11 @@ def test_layer_added_after_construction_raises():
         (dict(loss="cross_entropy", factor_dtype=torch.bfloat16), "factor_dtype"),
         (dict(loss="cross_entropy", kl_clip=1e-3), "kl_clip needs lr"),
         (dict(loss="cross_entropy", grad_accumulation_steps=0), "grad_accumulation_steps"),
+        (dict(loss="cross_entropy", factor_rows=0), "factor_rows"),
     ],
     ids=["mc-no-loss", "type2-no-loss", "label-smoothing", "class-weights", "reduction-none",
          "l1", "unknown-name", "eigen-damping-cholesky", "unknown-fisher", "bf16-factors",
-         "kl-clip-no-lr", "zero-accumulation"],
+         "kl-clip-no-lr", "zero-accumulation", "zero-factor-rows"],
 )
 def test_invalid_configuration_raises_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):

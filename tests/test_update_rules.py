@@ -30,30 +30,70 @@ def rotate(m, q_g, q_a):
     return q_g.T @ m @ q_a
 
 
-def test_eigen_adam_is_adam_in_the_factor_eigenbasis():
+class Grouped(nn.Module):
+    """Blocks that share shapes, so that eigen-adam batches them: two embeddings (diagonal A: no
+    Q_A), three Linear(6, 6) — the third runs on odd steps only, so its group changes — and a
+    head; a LayerNorm left to AdamW. Float64."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok, self.pos = nn.Embedding(7, 6), nn.Embedding(7, 6)
+        self.hidden = nn.ModuleList(nn.Linear(6, 6) for _ in range(3))
+        self.norm, self.head = nn.LayerNorm(6), nn.Linear(6, 5)
+        self.double()
+        self.step = 0
+
+    def forward(self, x):
+        ids = (x[:, :2].abs() * 3).long().clamp_max(6)
+        h = self.tok(ids[:, 0]) + self.pos(ids[:, 1]) + x
+        for i, layer in enumerate(self.hidden):
+            if i < 2 or self.step % 2:
+                h = torch.tanh(layer(h))
+        return self.head(self.norm(h))
+
+
+def grouped_backward(model: Grouped, step: int) -> None:
+    model.step = step
+    model.zero_grad()
+    x, y = data(step)
+    F.cross_entropy(model(x), y).backward()
+
+
+@pytest.mark.parametrize("kind", ["two-shapes", "grouped"])
+def test_eigen_adam_is_adam_in_the_factor_eigenbasis(kind):
     """Every step of update="eigen-adam" equals a float64 recomputation from the captured
-    gradients and the eigenvectors the preconditioner holds: ĝ = Q_Gᵀ ∇W̄ Q_A, Adam's moments on ĝ
-    (carried into each new basis: m exactly, v as independent coordinates, ``(R∘R) v (R_A∘R_A)``),
-    the direction rotated back, the parameters moved by
-    lr times it and decayed; the LayerNorm by AdamW. Inversions at steps 0, 2, 4, 6: the basis
-    changes under the moments."""
-    model = net()
+    gradients and the eigenvectors the preconditioner holds, block by block: ĝ = Q_Gᵀ ∇W̄ Q_A
+    (no Q_A for an embedding's diagonal A), Adam's moments on ĝ (carried into each new basis: m
+    exactly, v as independent coordinates, ``(R∘R) v (R_A∘R_A)``), the direction rotated back,
+    the parameters moved by lr times it and decayed; every other parameter by AdamW. Inversions
+    at steps 0, 2, 4, 6: the basis changes under the moments. "grouped": blocks of one shape go
+    through eigen-adam together, and a block that skips a step keeps its moments."""
+    model = net() if kind == "two-shapes" else Grouped()
+    step_model = (lambda step: backward(model, step)) if kind == "two-shapes" else (
+        lambda step: grouped_backward(model, step))
     lr, wd = 1e-2, 0.05
     opt = KFAC(model, lr=lr, weight_decay=wd, betas=BETAS, eps=EPS, loss="cross_entropy", fisher_type="type-2",
                factor_update_steps=1, inv_update_steps=2, factor_dtype=F64, inv_dtype=F64)
     precond = opt.preconditioner
     ref = copy.deepcopy(model)
-    ref_adamw = torch.optim.AdamW(ref[2].parameters(), lr=lr, betas=BETAS, eps=EPS, weight_decay=wd)
+    block_params = {id(p) for b in precond.blocks for p in b.params()}
+    others = [(p, q) for p, q in zip(model.parameters(), ref.parameters()) if id(p) not in block_params]
+    ref_adamw = torch.optim.AdamW([q for _, q in others], lr=lr, betas=BETAS, eps=EPS, weight_decay=wd)
     moments = {}
     inversions = []
     for step in range(8):
-        backward(model, step)
+        step_model(step)
         before = precond.stats["inverse_updates"]
         opt.step()
         inversions.append(precond.stats["inverse_updates"] > before)
         with torch.no_grad():
             for block, grad in zip(precond.blocks, precond.last_raw_gradients):
-                q_a, q_g = (side.vectors for side in precond.inverses.records[block.name])
+                if grad is None:  # did not run: no step, moments kept
+                    continue
+                rec_a, rec_g = precond.inverses.records[block.name]
+                q_a, q_g = rec_a.vectors, rec_g.vectors
+                q_a = torch.eye(grad.shape[1], dtype=F64) if q_a is None else q_a  # diagonal A: no rotation
                 m, v, t, basis = moments.get(block.name, (torch.zeros_like(grad), torch.zeros_like(grad), 0, None))
                 if basis is not None:  # into the new basis: m exactly, v as independent coordinates
                     r_g, r_a = q_g.T @ basis[1], basis[0].T @ q_a
@@ -62,20 +102,20 @@ def test_eigen_adam_is_adam_in_the_factor_eigenbasis():
                 m, v, t = m * BETAS[0] + g * (1 - BETAS[0]), v * BETAS[1] + g * g * (1 - BETAS[1]), t + 1
                 moments[block.name] = (m, v, t, (q_a, q_g))
                 u = (m / (1 - BETAS[0] ** t)) / ((v / (1 - BETAS[1] ** t)).sqrt() + EPS)
-                direction = q_g @ u @ q_a.T
                 module = ref.get_submodule(block.name)
-                wbar = block.matrix(module.weight, module.bias)
-                wbar = wbar * (1 - lr * wd) - lr * direction
-                module.weight.copy_(wbar[:, :-1])
-                module.bias.copy_(wbar[:, -1])
-            ref[2].weight.grad = model[2].weight.grad.clone()
-            ref[2].bias.grad = model[2].bias.grad.clone()
+                bias = getattr(module, "bias", None)
+                wbar = block.matrix(module.weight, bias) * (1 - lr * wd) - lr * (q_g @ u @ q_a.T)
+                for param, value in zip([module.weight, bias], block.split(wbar)):
+                    param.copy_(value)
+            for p, q in others:
+                q.grad = None if p.grad is None else p.grad.clone()
         ref_adamw.step()
         # Adam's m / (√v + eps) amplifies rounding where a rotated coordinate is ~0 (√v ~ eps):
         # within 1e-7 of one step's size (lr)
         for p, q in zip(model.parameters(), ref.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-7 * lr)
-    assert inversions == [True, False] * 4
+    # grouped: the third hidden layer first runs at step 1, and its new factors are inverted then
+    assert inversions == [True, False] * 4 if kind == "two-shapes" else [True, True, True] + [False, True] * 2 + [False]
 
 
 def test_adamw_rule_is_the_kfac_direction_into_adamw():
