@@ -20,7 +20,8 @@ the same initial weights and batches for a given seed.
 Optimizers: ``AdamW`` (``torch.optim.AdamW``, no weight decay); ``K-FAC`` (``kfac_ext.KFAC``
 with its defaults: Adam in the K-FAC eigenbasis); ``K-FAC adamw`` (the K-FAC direction into
 AdamW); ``SOAP`` (``pytorch_optimizer``'s, when it is installed: ``requirements-dev.txt`` has
-it); on request (``--optimizers``), ``K-FAC sgd`` (SGD + KL clip, the pre-2026-12 rule).
+it); on request (``--optimizers``), ``K-FAC sgd`` (SGD + KL clip, the pre-2026-12 rule) and
+``K-FAC graft`` (the K-FAC direction with Adam's per-parameter step length, ``bench/grafting.py``).
 
     python bench/time_to_target.py [--quick] [--workloads a,b] [--optimizers a,b] [--seeds N]
 
@@ -58,6 +59,7 @@ GRIDS = {
     "K-FAC": ADAM_GRID,
     "K-FAC adamw": ADAM_GRID,
     "K-FAC sgd": [0.01, 0.03, 0.1, 0.3, 1.0],
+    "K-FAC graft": ADAM_GRID,
     "SOAP": ADAM_GRID,
 }
 
@@ -186,6 +188,10 @@ def make_optimizer(name: str, model: nn.Module, lr: float, kfac_loss: str):
         return kfac_ext.KFAC(model, lr=lr, loss=kfac_loss, update="adamw")
     if name == "K-FAC sgd":
         return kfac_ext.KFAC(model, lr=lr, loss=kfac_loss, update="sgd")
+    if name == "K-FAC graft":
+        from grafting import GraftedKFAC
+
+        return GraftedKFAC(model, lr, kfac_loss)
     if name == "SOAP":
         import pytorch_optimizer
 

@@ -28,13 +28,16 @@ from torch import Tensor
 
 from .fsdp import local
 from .inverse import EigenPair
-from .util import group_by
+from .util import batched_by_bytes, group_by
 
 if TYPE_CHECKING:
     from .inverse import Inverses
     from .layers import Block
 
 RULES = ("eigen-adam", "adamw", "sgd")
+#: eigen-adam stacks same-shape blocks' gradients and bases up to this many bytes at once (the
+#: stacks are transient copies; a block over it goes alone, through views)
+STACK_BYTES = 32 * 2**20
 
 
 def masked_sgd(params: list[Tensor], states: list[dict], ok: Tensor, *, lr: float, momentum: float,
@@ -130,19 +133,20 @@ class EigenbasisAdam:
     def __init__(self, inverses: Inverses, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         self.inverses, self.betas, self.eps = inverses, betas, eps
         self.state: dict[str, dict[str, Any]] = {}
-        self._stacks: dict[tuple, tuple] = {}
 
     def __call__(self, blocks: list[Block], grads: list[Tensor], finite: Tensor) -> list[Tensor]:
         """The directions of ``blocks`` (zeros where ``finite`` is False: then no state changes).
-        Blocks whose gradients and bases have one shape go through together: one batched
-        rotation and one Adam update per shape group, not one per block (on small models the
-        per-op cost, not the arithmetic, sets a step's time)."""
+        Blocks whose gradients and bases have one shape go through together, up to
+        :data:`STACK_BYTES` of gradients and bases at once: one batched rotation and one Adam
+        update per batch, not one per block (on small models the per-op cost, not the
+        arithmetic, sets a step's time). A large block goes alone, through views: no copy."""
         directions: list[Tensor | None] = [None] * len(blocks)
         by_shape = group_by(range(len(blocks)), lambda i: self._group_key(blocks[i], grads[i]))
         for members in by_shape.values():
-            out = self._group_directions([blocks[i] for i in members], [grads[i] for i in members], finite)
-            for i, d in zip(members, out):
-                directions[i] = d.to(grads[i].dtype)
+            for batch in batched_by_bytes(members, lambda i: self._nbytes(blocks[i], grads[i]), STACK_BYTES):
+                out = self._batch_directions([blocks[i] for i in batch], [grads[i] for i in batch], finite)
+                for i, d in zip(batch, out):
+                    directions[i] = d.to(grads[i].dtype)
         return directions
 
     def _group_key(self, block: Block, grad: Tensor) -> tuple:
@@ -151,33 +155,27 @@ class EigenbasisAdam:
         q_a = rec_a.vectors
         return tuple(grad.shape), q_a is None, rec_g.vectors.dtype, grad.device
 
-    def _group_directions(self, blocks: list[Block], grads: list[Tensor], finite: Tensor) -> list[Tensor]:
+    def _nbytes(self, block: Block, grad: Tensor) -> int:
+        rec_a, rec_g = self.inverses.records[block.name]
+        return sum(t.numel() * t.element_size() for t in (grad, rec_g.vectors, rec_a.vectors) if t is not None)
+
+    def _batch_directions(self, blocks: list[Block], grads: list[Tensor], finite: Tensor) -> list[Tensor]:
         beta1, beta2 = self.betas
         states = [self._state_in_current_basis(b, g) for b, g in zip(blocks, grads)]
-        q_g, q_a = self._stacked_bases(blocks, states)
-        g = torch.where(finite, _rotate(torch.stack(grads).to(q_g.dtype), q_g, q_a), 0.0)
+        q_g = _stack([s["q_g"] for s in states])
+        q_a = None if states[0]["q_a"] is None else _stack([s["q_a"] for s in states])
+        g = torch.where(finite, _rotate(_stack(grads).to(q_g.dtype), q_g, q_a), 0.0)
         # lerp with weight 0 (a skipped step) leaves a moment exactly as it was
         keep = finite.to(g.dtype)
-        m = torch.stack([s["exp_avg"] for s in states]).lerp_(g, keep * (1 - beta1))
-        v = torch.stack([s["exp_avg_sq"] for s in states]).lerp_(g * g, keep * (1 - beta2))
-        count = torch.stack([s["step"] for s in states]) + finite.to(torch.float32)
+        m = _stack([s["exp_avg"] for s in states]).lerp_(g, keep * (1 - beta1))
+        v = _stack([s["exp_avg_sq"] for s in states]).lerp_(g * g, keep * (1 - beta2))
+        count = _stack([s["step"] for s in states]) + finite.to(torch.float32)
         steps = count.double().clamp_min(1.0)[:, None, None]  # never stepped (all skipped): m = 0
         c1, c2 = ((1 - beta**steps).to(m.dtype) for beta in (beta1, beta2))  # bias corrections, per block
         u = (m / c1) / ((v / c2).sqrt() + self.eps)
         for i, s in enumerate(states):
             s["exp_avg"], s["exp_avg_sq"], s["step"] = m[i], v[i], count[i]
         return _rotate_back(torch.where(finite, u, 0.0), q_g, q_a).unbind()
-
-    def _stacked_bases(self, blocks: list[Block], states: list[dict[str, Any]]) -> tuple[Tensor, Tensor | None]:
-        """``Q_G`` and ``Q_A`` of a shape group stacked, kept until a member's basis changes."""
-        key = tuple(b.name for b in blocks)
-        bases = [(s["q_g"], s["q_a"]) for s in states]
-        kept = self._stacks.get(key)
-        if kept is None or any(g is not g0 or a is not a0 for (g, a), (g0, a0) in zip(bases, kept[0])):
-            q_g = torch.stack([g for g, _ in bases])
-            q_a = None if bases[0][1] is None else torch.stack([a for _, a in bases])
-            kept = self._stacks[key] = (bases, q_g, q_a)
-        return kept[1], kept[2]
 
     def _state_in_current_basis(self, block: Block, grad: Tensor) -> dict[str, Any]:
         """The block's moments, created (zeros) on first use, carried into the current basis
@@ -212,6 +210,11 @@ class EigenbasisAdam:
                 continue  # no basis to go with the moments: they restart
             self.state[name] = {k: t.to(devices[name], copy=True) for k, t in s.items()}
             self.state[name].update(q_a=rec_a.vectors, q_g=rec_g.vectors)
+
+
+def _stack(tensors: list[Tensor]) -> Tensor:
+    """``torch.stack``, but a view (no copy) of a single tensor: in-place updates of it reach it."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
 def _rotate(matrix: Tensor, q_g: Tensor, q_a: Tensor | None) -> Tensor:
