@@ -178,12 +178,14 @@ class Capture:
     ``(kind, module, blocks)``), and keeps the pending micro-batch and this step's
     :class:`Statistics`. ``factor_step()`` says whether the current step updates factors;
     ``ops`` reduces rows to sums; ``generator`` draws Monte Carlo targets; ``counters`` and
-    ``warned`` are the preconditioner's."""
+    ``warned`` are the preconditioner's; ``on_forward()`` runs as every forward that is not
+    paused begins."""
 
     def __init__(self, model: nn.Module, blocks: list[Block], installs, settings: CaptureSettings, *,
                  factor_step: Callable[[], bool], ops, generator: torch.Generator, counters: dict,
-                 warned: set[str]):
+                 warned: set[str], on_forward: Callable[[], None] | None = None):
         self.model, self.blocks, self.settings = model, blocks, settings
+        self._on_forward = on_forward
         self.fisher = settings.fisher
         self._factor_step, self.ops, self._generator = factor_step, ops, generator
         self._counters, self._warned = counters, warned
@@ -238,6 +240,8 @@ class Capture:
 
     def _pre_forward(self, module, inputs):
         self.taps, self._batch_rows = [], []  # a forward that raised may have left some
+        if self._on_forward is not None and not self._paused:
+            self._on_forward()
         if not self._capturing():
             return
         if self.settings.grad_scaler is not None and self.statistics.forwards >= self.settings.grad_accumulation_steps:

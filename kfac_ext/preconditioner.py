@@ -163,8 +163,9 @@ class KFACPreconditioner:
         self.generator = torch.Generator(device=self.blocks[0].device).manual_seed(seed + self.topology.rank)
 
         self.steps = 0
-        # ∇W̄ per block before the last step() rewrote it (in the owner modes of FSDP2, None for
-        # the blocks another rank preconditions)
+        #: ∇W̄ per block before the last step() rewrote it (in the owner modes of FSDP2, None for
+        #: the blocks another rank preconditions), until the next forward that is not paused: a
+        #: copy of every block's gradient, not held through the next forward and backward
         self.last_raw_gradients: list[Tensor | None] = []
         self._stats = Counters()
         self.stats = dict(dict.fromkeys(COUNTERS, 0), kl_clip_scale=1.0)
@@ -175,7 +176,8 @@ class KFACPreconditioner:
         settings = CaptureSettings(make_fisher(fisher_type, mc_samples), self.loss, self.reduction, output_fn,
                                    loss_mask_fn, grad_accumulation_steps, factor_dtype, grad_scaler, factor_rows)
         self.capture = Capture(model, self.blocks, self.registration.installs, settings, factor_step=self._is_factor_step,
-                               ops=ops, generator=self.generator, counters=self._stats, warned=self._warned)
+                               ops=ops, generator=self.generator, counters=self._stats, warned=self._warned,
+                               on_forward=self._release_raw_gradients)
         #: ``(blocks, grads, finite) -> directions`` in place of the K-FAC direction, or None (the
         #: Adam-in-eigenbasis rule of :class:`~kfac_ext.KFAC` sets one)
         self.direction_rule: Callable[[list[Block], list[Tensor], Tensor], list[Tensor]] | None = None
@@ -211,6 +213,9 @@ class KFACPreconditioner:
         forward in train mode, a second loss on the same model)."""
         with self.capture.pause():
             yield self
+
+    def _release_raw_gradients(self) -> None:
+        self.last_raw_gradients = []
 
     def _is_factor_step(self) -> bool:
         return self.steps % max(1, int(value(self.factor_update_steps, self.steps))) == 0

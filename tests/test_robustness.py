@@ -581,3 +581,22 @@ def test_step_runs_with_subnormals_flushed():
         precond.step()
     assert seen == [False, False]
     assert _subnormal_survives()
+
+
+def test_raw_gradients_are_kept_until_the_next_forward():
+    """``last_raw_gradients`` (a copy of every block's gradient) is there after step() and through
+    a paused forward (adaptive damping's L(θ+δ)), and let go as the next forward begins, so the
+    copy is not held through the next forward and backward."""
+    torch.manual_seed(0)
+    model = mlp()
+    precond = KFACPreconditioner(model, loss="cross_entropy")
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()
+    precond.step()
+    assert [g.shape for g in precond.last_raw_gradients] == [(8, 7), (4, 9)]
+    with precond.pause():
+        model(x)
+    assert len(precond.last_raw_gradients) == 2
+    with torch.no_grad():
+        model(x)
+    assert precond.last_raw_gradients == []
