@@ -341,7 +341,7 @@ class Capture:
                       f"gradient arrives summed over the batch, so under fisher_type={self.fisher.name!r} its G "
                       "is built from batch sums (biased, and dependent on how the batch is split over ranks); "
                       "pass per-example inputs (position_ids of shape [B, T]) or use fisher_type='mc' (warned "
-                      "once per block)", stacklevel=2)
+                      "once per block)")
 
     # ---- reduction ---------------------------------------------------------------------------
 

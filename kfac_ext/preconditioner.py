@@ -26,7 +26,7 @@ from .layers import Block, find_blocks
 from .losses import Loss
 from .settings import check_choice, make_checked_loss, resolve_kl_clip, validate
 from .topology import choose, unwrap_model
-from .util import Counters, Schedule, flush_denormals, value, warn_once
+from .util import Counters, Schedule, flush_denormals, value, warn, warn_once
 
 __all__ = ["KFACPreconditioner", "default_output_fn", "default_loss_mask"]
 
@@ -281,7 +281,7 @@ class KFACPreconditioner:
             warn_once(self._warned, "non-finite gradients",
                       f"KFACPreconditioner: {count} step(s) up to step {self.steps} had non-finite gradients "
                       "(a NaN or inf loss or gradient) and were skipped: no parameter moved (counted in "
-                      "stats['nonfinite_grad_steps']; warned once)", stacklevel=4)
+                      "stats['nonfinite_grad_steps']; warned once)")
 
     def update_inverses(self) -> None:
         """The damped inverses of every block's factors (by their owners)."""
@@ -353,7 +353,7 @@ class KFACPreconditioner:
         if self.curvature:
             warn_once(self._warned, "no statistics",
                       f"KFACPreconditioner.step(): no layer statistics were captured in step {self.steps} ({why}); "
-                      "the factors stay as they are (warned once)", stacklevel=4)
+                      "the factors stay as they are (warned once)")
             return
         raise RuntimeError(
             "KFACPreconditioner.step(): no layer statistics were captured in this factor-update step "
@@ -438,8 +438,5 @@ def _load_generator(generator: torch.Generator, generator_state: Tensor) -> None
         return
     seed = int(torch.frombuffer(bytearray(generator_state.numpy().tobytes()[:8].ljust(8, b"\0")), dtype=torch.int64)[0])
     generator.manual_seed(seed & (2**63 - 1))
-    import warnings
-
-    warnings.warn("KFACPreconditioner.load_state_dict: the Monte Carlo generator state was saved on "
-                  "another device type; the sampling stream restarts from a seed derived from it",
-                  RuntimeWarning, stacklevel=3)
+    warn("KFACPreconditioner.load_state_dict: the Monte Carlo generator state was saved on "
+         "another device type; the sampling stream restarts from a seed derived from it")

@@ -4,7 +4,9 @@ bytes, warnings given once, a Kronecker product with a possibly diagonal side, t
 from __future__ import annotations
 
 import contextlib
-
+import os
+import sys
+import warnings
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any, TypeVar
 
@@ -76,15 +78,33 @@ def batched_by_bytes(items: Iterable[T], nbytes: Callable[[T], int], cap: int) -
     return batches + ([batch] if batch else [])
 
 
-def warn_once(seen: set[str], key: str, message: str, stacklevel: int = 3) -> None:
+def warn_once(seen: set[str], key: str, message: str) -> None:
     """``RuntimeWarning(message)`` the first time ``key`` is seen (``seen`` is saved in
-    checkpoints, so a resumed run does not warn again)."""
+    checkpoints, so a resumed run does not warn again), attributed to the user's line: the first
+    caller outside kfac_ext and torch (``KFAC.step`` comes through torch.optim's wrappers, a hook
+    through ``nn.Module.__call__``)."""
     if key in seen:
         return
     seen.add(key)
-    import warnings
+    warn(message)
 
-    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
+
+def warn(message: str) -> None:
+    """``RuntimeWarning(message)`` attributed to the user's line (see :func:`warn_once`)."""
+    warnings.warn(message, RuntimeWarning, stacklevel=_user_stacklevel())
+
+
+_INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+                  os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
+def _user_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, for the call in :func:`warn`, of the first frame outside
+    kfac_ext and torch (1 would be :func:`warn` itself)."""
+    frame, level = sys._getframe(2), 2  # warn's caller
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 2
 
 
 def kron_times(left: Tensor, matrix: Tensor, right: Tensor, ops) -> Tensor:

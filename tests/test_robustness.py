@@ -600,3 +600,19 @@ def test_raw_gradients_are_kept_until_the_next_forward():
     with torch.no_grad():
         model(x)
     assert precond.last_raw_gradients == []
+
+
+@pytest.mark.parametrize("through", ["KFAC", "KFACPreconditioner"])
+def test_warnings_point_at_the_users_line(through):
+    """A warning names the user's call (here: this file), not kfac_ext's or torch.optim's
+    wrappers that KFAC.step() goes through."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = (KFAC(model, lr=0.1, loss="cross_entropy") if through == "KFAC"
+           else KFACPreconditioner(model, loss="cross_entropy"))
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite gradients") as record:
+        opt.step()
+    assert [w.filename for w in record if "non-finite" in str(w.message)] == [__file__]
