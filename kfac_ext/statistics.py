@@ -89,7 +89,6 @@ class Statistics:
             for (block, (_, w)), total in zip(batch, sums):
                 _accumulate(self.g_sum, block.name, total.mul_(w) if isinstance(w, Tensor) else total)
 
-
     def _subsampled(self, rows: Tensor, weight: float | Tensor) -> tuple[Tensor, float | Tensor]:
         rows, scale = self.subsample(rows)
         return rows, weight if scale == 1.0 else weight * scale

@@ -135,7 +135,8 @@ class EigenbasisAdam:
         self.state: dict[str, dict[str, Any]] = {}
 
     def __call__(self, blocks: list[Block], grads: list[Tensor], finite: Tensor) -> list[Tensor]:
-        """The directions of ``blocks`` (zeros where ``finite`` is False: then no state changes).
+        """The directions of ``blocks``; where ``finite`` is False no state changes (and the
+        preconditioner, which masks every rule's directions, writes zeros).
         Blocks whose gradients and bases have one shape go through together, up to
         :data:`STACK_BYTES` of gradients and bases at once: one batched rotation and one Adam
         update per batch, not one per block (on small models the per-op cost, not the
@@ -152,8 +153,7 @@ class EigenbasisAdam:
     def _group_key(self, block: Block, grad: Tensor) -> tuple:
         rec_a, rec_g = self.inverses.records[block.name]
         assert isinstance(rec_a, EigenPair) and isinstance(rec_g, EigenPair), "eigen-adam needs eigenpairs"
-        q_a = rec_a.vectors
-        return tuple(grad.shape), q_a is None, rec_g.vectors.dtype, grad.device
+        return tuple(grad.shape), rec_a.vectors is None, rec_g.vectors.dtype, grad.device
 
     def _nbytes(self, block: Block, grad: Tensor) -> int:
         rec_a, rec_g = self.inverses.records[block.name]
@@ -175,7 +175,7 @@ class EigenbasisAdam:
         u = (m / c1) / ((v / c2).sqrt() + self.eps)
         for i, s in enumerate(states):
             s["exp_avg"], s["exp_avg_sq"], s["step"] = m[i], v[i], count[i]
-        return _rotate_back(torch.where(finite, u, 0.0), q_g, q_a).unbind()
+        return _rotate_back(u, q_g, q_a).unbind()
 
     def _state_in_current_basis(self, block: Block, grad: Tensor) -> dict[str, Any]:
         """The block's moments, created (zeros) on first use, carried into the current basis
