@@ -289,9 +289,12 @@ def test_mobilenet_v3_small_trains_from_its_first_bases_without_a_spike(lr):
     """torchvision MobileNetV3-small (hard-swish, squeeze-excitation, BatchNorm) on a fixed batch
     with KFAC's defaults at AdamW's learning rates: the first eigenbases come from one batch's
     low-rank factors, so they are refreshed at steps 1, 2, 4, 8 and the moments carried into each
-    new basis. The loss never rises above its start and falls. (Measured: with the second moments
-    kept instead of rotated into the new basis it rose to 5x its start; with the first bases kept
-    10 steps the old rule diverged.)"""
+    new basis. The loss never rises above its start until it has halved, stays within 1.5x of it
+    after, and falls. (Measured: with the second moments kept instead of rotated into the new
+    basis it rose to 5x its start; with the first bases kept 10 steps the old rule diverged. Once
+    the batch is fitted a fixed-batch run at lr 1e-2 is chaotic: over seeds 0-4 on 2 threads one
+    overshoots to 1.27x its start at step 7 — AdamW overshoots to 1.8-3.4x in every seed — and
+    which seed does depends on the machine's kernels, so that phase gets the looser bound.)"""
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v3_small(num_classes=10)
@@ -308,4 +311,6 @@ def test_mobilenet_v3_small_trains_from_its_first_bases_without_a_spike(lr):
         if opt.preconditioner.stats["inverse_updates"] > before:
             inverse_steps.append(step)
     assert inverse_steps == [0, 1, 2, 4, 8]
-    assert max(losses) <= losses[0] and losses[-1] < 0.8 * losses[0], losses
+    halved = next((i for i, loss in enumerate(losses) if loss < losses[0] / 2), len(losses))
+    assert max(losses[:halved]) <= losses[0] and max(losses) <= 1.5 * losses[0], losses
+    assert losses[-1] < 0.8 * losses[0], losses
