@@ -201,6 +201,7 @@ def measure(work: Workload, backend: str, device: torch.device, min_run_time: fl
 
     forward_backward()
     precond.step()  # factors and inverses exist from here on
+    precond.capture.held_gradient_bytes = None  # every gradient row held until step(), as the replay needs
     forward_backward()  # leaves this step's micro-batch pending for the phase timings
     times = {name: seconds(fn, min_run_time, device) for name, fn in kfac_phases(precond).items()}
 

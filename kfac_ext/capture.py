@@ -16,9 +16,12 @@ for how positions enter, ``kfac_approx``):
   user computes it.
 
 Every forward in train mode, with grad enabled, outside :meth:`Capture.pause`, during a
-factor-update step counts as one micro-batch. Each micro-batch is reduced to per-block sums when
-the next one starts (or at ``step()``), so gradient accumulation holds one micro-batch of
-activations, not ``k``. With ``grad_accumulation_steps=k`` the micro-batch losses are assumed
+factor-update step counts as one micro-batch. Each micro-batch's activations are reduced to
+per-block sums when the next one starts (or at ``step()``), so gradient accumulation holds one
+micro-batch of activations, not ``k`` (they are the layers' saved inputs: autograd holds them
+through the backward anyway). Output-gradient rows, which autograd would free as the backward
+moves on, are reduced as soon as :data:`HELD_GRADIENT_BYTES` of them are pending, and the sampled
+backward's rest as it ends. With ``grad_accumulation_steps=k`` the micro-batch losses are assumed
 divided by ``k`` (the usual recipe; it matters for "empirical").
 
 The output gradients come from one of three Fisher types (:data:`FISHER_TYPES`): targets sampled
@@ -44,6 +47,9 @@ from .losses import CrossEntropy, Loss
 from .statistics import Statistics
 from .util import warn_once
 
+#: the most bytes of output-gradient rows held before they are reduced: small layers' rows are
+#: still reduced together (one native call), and a large model's backward never holds all of them
+HELD_GRADIENT_BYTES = 16 * 2**20
 
 # ---- the Fisher types ------------------------------------------------------------------------
 
@@ -185,11 +191,15 @@ class Capture:
                  factor_step: Callable[[], bool], ops, generator: torch.Generator, counters: dict,
                  warned: set[str], on_forward: Callable[[], None] | None = None):
         self.model, self.blocks, self.settings = model, blocks, settings
+        self._by_name = {b.name: b for b in blocks}
         self._on_forward = on_forward
         self.fisher = settings.fisher
         self._factor_step, self.ops, self._generator = factor_step, ops, generator
         self._counters, self._warned = counters, warned
         self._paused = 0
+        #: :data:`HELD_GRADIENT_BYTES`, or None: every row held until the micro-batch ends (for
+        #: benchmarks that replay a micro-batch's reduction)
+        self.held_gradient_bytes: int | None = HELD_GRADIENT_BYTES
         self._g_weight: float | Tensor | None = None  # set while a sampled backward runs
         #: M of the last captured forward (a device tensor when counted from a mask)
         self.terms: int | Tensor = 1
@@ -207,6 +217,8 @@ class Capture:
         """Drops the pending micro-batch and this step's statistics."""
         self.pending_a: dict[str, list[Tensor]] = {}  # this micro-batch's inputs, by block
         self.pending_g: dict[str, list[tuple[Tensor, float | Tensor]]] = {}  # its gradient rows and weights
+        self._pending_g_bytes = 0
+        self._gradients_seen = False  # whether this micro-batch's backward has begun (for "empirical")
         self.statistics = Statistics(max_rows=self.settings.factor_rows)
         self.taps: list[GradientEdge] = []  # this forward's block outputs, for the sampled backward
         self._batch_rows: list[tuple[int, list[str]]] = []  # this forward's output rows, by blocks
@@ -276,9 +288,13 @@ class Capture:
         if weight is None:
             return
         grad = (layout(grad) if layout is not None else grad).detach()
+        self._gradients_seen = True
         for block, cols in pairs:
             rows = block.output_grad_rows(grad[..., cols] if cols is not None else grad)
             self.pending_g.setdefault(block.name, []).append((rows, weight))
+            self._pending_g_bytes += rows.numel() * rows.element_size()
+        if self.held_gradient_bytes is not None and self._pending_g_bytes >= self.held_gradient_bytes:
+            self._reduce_gradients()
 
     def _empirical_weight(self) -> float | Tensor:
         # Hooks see h = ∂L/∂s of the loss the backward ran on; per-term g = k·s·h (s = M for
@@ -324,6 +340,8 @@ class Capture:
                 torch.autograd.grad(logits, inputs, grad_outputs=v, retain_graph=True, allow_unused=True)
         finally:
             self._g_weight = None
+        if self.held_gradient_bytes is not None:  # not held through the user's backward
+            self._reduce_gradients()
 
     def _warn_batch_shared(self) -> None:
         """Blocks whose output had one row in a forward where other blocks' had ``N > 1`` (GPT-2's
@@ -348,26 +366,66 @@ class Capture:
     def flush(self) -> None:
         """Reduces the pending micro-batch to per-block sums: ``Σ ā āᵀ`` (and its row count)
         and ``Σ w g gᵀ``, so that its activations and gradients can be freed."""
-        if not self.fisher.samples and self.pending_a and not self.pending_g:
+        if not self.fisher.samples and self.pending_a and not self._gradients_seen:
             self.pending_a = {}  # a forward no backward followed (e.g. for logging): no statistics
             self.statistics.forwards = max(0, self.statistics.forwards - 1)
             return
-        by_name = {b.name: b for b in self.blocks}
-        a_items = [(by_name[name], xs) for name, xs in self.pending_a.items()]
-        g_items = [(by_name[name], chunks) for name, chunks in self.pending_g.items()]
-        self.pending_a, self.pending_g = {}, {}
-        # the strided row subset moves on with every reduction (and resumes from a checkpoint)
-        self.statistics.phase = self._counters.get("factor_updates", 0) + self.statistics.forwards
+        a_items = [(self._by_name[name], xs) for name, xs in self.pending_a.items()]
+        self.pending_a = {}
+        self._gradients_seen = False
+        self._set_phase()
         self.statistics.add_activations(a_items, self.ops, self.settings.factor_dtype)
+        self._reduce_gradients()
+
+    def _reduce_gradients(self) -> None:
+        """Reduces the pending output-gradient rows to ``Σ w g gᵀ``."""
+        g_items = [(self._by_name[name], chunks) for name, chunks in self.pending_g.items()]
+        self.pending_g, self._pending_g_bytes = {}, 0
+        self._set_phase()
         self.statistics.add_gradients(g_items, self.ops, self.settings.factor_dtype)
+
+    def _set_phase(self) -> None:
+        # the strided row subset moves on with every micro-batch (and resumes from a checkpoint)
+        self.statistics.phase = self._counters.get("factor_updates", 0) + self.statistics.forwards
 
 def sampling_inputs(taps: list[GradientEdge]) -> list[GradientEdge]:
     """What the sampled backward differentiates with respect to, so that every block's output
-    hook fires: the gradient edges of the block outputs as they were recorded. No weight-gradient
+    hook fires: gradient edges of the block outputs as they were recorded. No weight-gradient
     GEMMs are computed, parameters sharded by FSDP2 need not be in the graph, and an output an
     inplace activation modified since is still reached (its edge is the node that produced it,
-    where its hook sits; a gradient w.r.t. the modified tensor would stop above it)."""
-    return list({(id(edge.node), edge.output_nr): edge for edge in taps}.values())
+    where its hook sits; a gradient w.r.t. the modified tensor would stop above it).
+
+    Only the lowest taps are inputs (those no other tap lies below in the graph): every other tap
+    is on the way to one of them, so its hook fires all the same, and ``autograd.grad`` returns —
+    and holds until it returns — a gradient per input: with every tap an input, that was a second
+    copy of every block's output gradient at the forward's memory peak."""
+    unique = list({(id(edge.node), edge.output_nr): edge for edge in taps}.values())
+    tap_nodes = {id(edge.node) for edge in unique}
+    reaches_tap = _reaches(tap_nodes, [edge.node for edge in unique])
+    return [edge for edge in unique
+            if not any(child is not None and reaches_tap[id(child)] for child, _ in edge.node.next_functions)]
+
+
+def _reaches(targets: set[int], roots: list) -> dict[int, bool]:
+    """For every node below ``roots`` (by ``next_functions``, roots included): whether it is one of
+    ``targets`` (by id) or one lies below it. Iterative (graphs are thousands of nodes deep); the
+    walk keeps the nodes' Python objects alive, so their ids stay unique."""
+    seen: dict[int, bool] = {}
+    alive = []
+    stack = [(node, False) for node in roots]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            seen[key] = key in targets or any(c is not None and seen[id(c)] for c, _ in node.next_functions)
+            continue
+        if key in seen:
+            continue
+        seen[key] = False  # provisional: the graph is acyclic, so nothing below reads it
+        alive.append(node)
+        stack.append((node, True))
+        stack.extend((child, False) for child, _ in node.next_functions if child is not None and id(child) not in seen)
+    return seen
 
 
 def _leading_dim(output: Tensor) -> int:

@@ -300,6 +300,16 @@ MUTATIONS = [
        "return rows, weight",
        [f"{T_FACTORS}::test_factor_rows_subsets_partition_the_rows_over_successive_updates"],
        "the subsampled G sum not rescaled to all rows"),
+    _m("sampled-backward-first-tap-only", "capture.py",
+       "    return [edge for edge in unique\n",
+       "    return unique[:1] or [edge for edge in unique\n",
+       [f"{T_REAL}::test_bert_sequence_classification"],
+       "the sampled backward aimed at the first block output only: blocks on other branches get no G"),
+    _m("held-gradient-rows-never-reduced", "capture.py",
+       "        if self.held_gradient_bytes is not None and self._pending_g_bytes >= self.held_gradient_bytes:",
+       "        if False:",
+       [f"{T_LAYERS}::test_gradient_rows_are_reduced_as_the_backward_goes"],
+       "every output-gradient row held until the micro-batch ends"),
 ]
 
 

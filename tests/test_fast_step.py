@@ -544,8 +544,8 @@ def test_a_masked_factor_step_reads_back_once(fisher_type):
 
 @pytest.mark.parametrize("fisher_type", ["mc", "type-2"])
 def test_sampled_backward_reaches_outputs_modified_in_place(fisher_type, monkeypatch):
-    """The sampled backward differentiates w.r.t. the gradient edges of the block outputs, never
-    the parameters (no weight gradients), and still reaches an output an inplace activation
+    """The sampled backward differentiates w.r.t. the gradient edge of the lowest block output,
+    never the parameters (no weight gradients), and still reaches an output an inplace activation
     modified: the factors of a model with ``ReLU(inplace=True)`` equal those of the same model
     with ``ReLU()``."""
     torch.manual_seed(0)
@@ -565,7 +565,9 @@ def test_sampled_backward_reaches_outputs_modified_in_place(fisher_type, monkeyp
         precond.step()
         factors.append(precond.factors())
     for edges in used:
-        assert len(edges) == 3
+        # the lowest tap only (the first Linear's output): the others' hooks fire on the way to it,
+        # and autograd.grad holds no second copy of their gradients
+        assert len(edges) == 1 and "Addmm" in edges[0].node.name()
         assert not any(isinstance(e.node, torch.autograd.graph.Node) and "AccumulateGrad" in e.node.name()
                        for e in edges)  # no parameter among them
     assert factors[0].keys() == factors[1].keys() == {"0", "2", "4"}

@@ -617,6 +617,36 @@ def test_accumulation_equals_one_big_batch(fisher_type):
         torch.testing.assert_close(g, expected[name][1], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("fisher_type", ["mc", "type-2", "empirical"])
+def test_gradient_rows_are_reduced_as_the_backward_goes(fisher_type):
+    """Output-gradient rows are not held to the end of the micro-batch: past
+    ``held_gradient_bytes`` of them they are reduced (after every hook here, with a 1-byte
+    budget), and a sampled backward's rest as it ends — by default too. The factors equal those
+    of every row held until step() (float64)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(16, 3, dtype=F64), torch.randint(0, 2, (16,))
+    factors = []
+    for held in (None, 1, "default"):
+        precond = KFACPreconditioner(model, "cross_entropy", fisher_type=fisher_type, factor_dtype=F64, seed=0)
+        if held != "default":
+            precond.capture.held_gradient_bytes = held
+        model.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        sampled = precond.capture.fisher.samples
+        if sampled:  # the sampled backward ran in the forward
+            assert bool(precond.capture.pending_g) == (held is None)
+        loss.backward()
+        assert bool(precond.capture.pending_g) == (held is None or held == "default" and not sampled)
+        precond.step()
+        factors.append(precond.factors())
+        precond.remove_hooks()
+    for name in factors[0]:
+        for held_to_the_end, *reduced_early in zip(*(f[name] for f in factors)):
+            for early in reduced_early:
+                torch.testing.assert_close(early, held_to_the_end, rtol=1e-12, atol=1e-15)
+
+
 class TinyMoE(nn.Module):
     """Two experts, tokens routed by sign of their first feature: one expert may get no token."""
 
