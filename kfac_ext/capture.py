@@ -388,6 +388,7 @@ class Capture:
         # the strided row subset moves on with every micro-batch (and resumes from a checkpoint)
         self.statistics.phase = self._counters.get("factor_updates", 0) + self.statistics.forwards
 
+
 def sampling_inputs(taps: list[GradientEdge]) -> list[GradientEdge]:
     """What the sampled backward differentiates with respect to, so that every block's output
     hook fires: gradient edges of the block outputs as they were recorded. No weight-gradient
