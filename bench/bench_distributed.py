@@ -103,7 +103,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
         sgd = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
         sgd_ms = 1e3 * statistics.median([step(net, sgd) for _ in range(cfg["warmup"] + cfg["steps"])][cfg["warmup"]:])
     model = make_model(cfg["width"], cfg["layers"])
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    param_bytes = sum(p.nbytes for p in model.parameters())
     net = wrap(model)
     opt = kfac_ext.KFAC(net, update="sgd", lr=0.01, momentum=0.9, loss="cross_entropy", damping=1e-2,
                         inv_update_steps=INV_UPDATE_STEPS, grad_worker_fraction=cfg["fraction"])

@@ -1,7 +1,7 @@
 """A compact pure-PyTorch K-FAC built the way the established hook-based implementations build it
 (KAISA / kfac-pytorch, the K-FAC of the PyTorch tutorials): each ``nn.Linear``'s factors are
-reduced inside its own hooks as they fire (``ā ā`` in the forward hook, ``g gᵀ`` in the
-backward hook), so no activation or gradient rows are kept; every ``inv_update_steps`` the
+reduced inside its own hooks as they fire (``ā āᵀ`` in the forward hook, ``g gᵀ`` in a
+tensor hook on its output), so no activation or gradient rows are kept; every ``inv_update_steps`` the
 factors are eigendecomposed; the gradient is preconditioned in the eigenbasis and handed to the
 user's optimizer. Empirical Fisher (the loss's own output gradients), Tikhonov damping on the
 Kronecker eigenvalues, a running average of the factors.

@@ -292,7 +292,7 @@ class Capture:
         for block, cols in pairs:
             rows = block.output_grad_rows(grad[..., cols] if cols is not None else grad)
             self.pending_g.setdefault(block.name, []).append((rows, weight))
-            self._pending_g_bytes += rows.numel() * rows.element_size()
+            self._pending_g_bytes += rows.nbytes
         if self.held_gradient_bytes is not None and self._pending_g_bytes >= self.held_gradient_bytes:
             self._reduce_gradients()
 

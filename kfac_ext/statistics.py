@@ -68,7 +68,7 @@ class Statistics:
             else:
                 dense.append((block, rows))
         sums: dict[str, Tensor] = {}
-        for batch in batched_by_bytes(dense, lambda item: _nbytes(item[1]), FLUSH_BYTES):
+        for batch in batched_by_bytes(dense, lambda item: item[1].nbytes, FLUSH_BYTES):
             totals = [torch.empty(b.a_dim, b.a_dim, dtype=dtype, device=r.device) for b, r in batch]
             _sum_outer_products(ops, totals, [r for _, r in batch], [1.0] * len(batch), [b.has_bias for b, _ in batch])
             sums.update((b.name, t) for (b, _), t in zip(batch, totals))
@@ -82,7 +82,7 @@ class Statistics:
         """Adds ``Σ w g gᵀ`` of each block's gradient rows and their weights."""
         work = [(block, self._subsampled(*_weighted_cat(chunks))) for block, chunks in items]
         work = [(block, (g, w)) for block, (g, w) in work if g.shape[0] > 0]
-        for batch in batched_by_bytes(work, lambda item: _nbytes(item[1][0]), FLUSH_BYTES):
+        for batch in batched_by_bytes(work, lambda item: item[1][0].nbytes, FLUSH_BYTES):
             sums = [torch.empty(b.g_dim, b.g_dim, dtype=dtype, device=g.device) for b, (g, _) in batch]
             scales = [1.0 if isinstance(w, Tensor) else w for _, (_, w) in batch]  # the op takes host numbers
             _sum_outer_products(ops, sums, [g for _, (g, _) in batch], scales, [False] * len(batch))
@@ -103,10 +103,6 @@ def _sum_outer_products(ops, outs, xs, scales, append_ones) -> None:
 
 def _cat(chunks: list[Tensor]) -> Tensor:
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-
-
-def _nbytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 def _weighted_cat(chunks: list[tuple[Tensor, float | Tensor]]) -> tuple[Tensor, float | Tensor]:

@@ -144,7 +144,7 @@ class EigenbasisAdam:
         directions: list[Tensor | None] = [None] * len(blocks)
         by_shape = group_by(range(len(blocks)), lambda i: self._group_key(blocks[i], grads[i]))
         for members in by_shape.values():
-            for batch in batched_by_bytes(members, lambda i: self._nbytes(blocks[i], grads[i]), STACK_BYTES):
+            for batch in batched_by_bytes(members, lambda i: self._stack_bytes(blocks[i], grads[i]), STACK_BYTES):
                 out = self._batch_directions([blocks[i] for i in batch], [grads[i] for i in batch], finite)
                 for i, d in zip(batch, out):
                     directions[i] = d.to(grads[i].dtype)
@@ -155,9 +155,9 @@ class EigenbasisAdam:
         assert isinstance(rec_a, EigenPair) and isinstance(rec_g, EigenPair), "eigen-adam needs eigenpairs"
         return tuple(grad.shape), rec_a.vectors is None, rec_g.vectors.dtype, grad.device
 
-    def _nbytes(self, block: Block, grad: Tensor) -> int:
+    def _stack_bytes(self, block: Block, grad: Tensor) -> int:
         rec_a, rec_g = self.inverses.records[block.name]
-        return sum(t.numel() * t.element_size() for t in (grad, rec_g.vectors, rec_a.vectors) if t is not None)
+        return sum(t.nbytes for t in (grad, rec_g.vectors, rec_a.vectors) if t is not None)
 
     def _batch_directions(self, blocks: list[Block], grads: list[Tensor], finite: Tensor) -> list[Tensor]:
         beta1, beta2 = self.betas

@@ -67,7 +67,7 @@ class Collective(Local):
         return self.owners[(block.name, "A")]
 
     def _count(self, category: str, t: Tensor) -> None:
-        self._comm_bytes[category] += t.numel() * t.element_size()
+        self._comm_bytes[category] += t.nbytes
 
     def _broadcast(self, flat: Tensor, src: int):
         """Async broadcast from ``src``, a rank of ``group`` (the API takes global ranks)."""

@@ -38,7 +38,7 @@ class Sharded(Collective):
         for idx in _by_dtype(parts):
             send = flat_pieces([t for i in idx for t in parts[i]], world)
             pieces = send.new_empty(world, send.numel())
-            self._count_sent(send.numel() * (world - 1) * send.element_size())
+            self._count_sent(send.nbytes * (world - 1))
             all_gather_single(pieces.view(-1), send, group=self.group)
             _unpack(wholes, pieces, idx, parts, world)
         return wholes
