@@ -19,7 +19,8 @@ Every forward in train mode, with grad enabled, outside :meth:`Capture.pause`, d
 factor-update step counts as one micro-batch. Each micro-batch's activations are reduced to
 per-block sums when the next one starts (or at ``step()``), so gradient accumulation holds one
 micro-batch of activations, not ``k`` (they are the layers' saved inputs: autograd holds them
-through the backward anyway). Output-gradient rows, which autograd would free as the backward
+through the backward anyway); with ``grad_accumulation_steps > 1`` the sums go straight into the
+factors (:meth:`~kfac_ext.curvature.Curvature.fold`), so no factor-sized sums are held either. Output-gradient rows, which autograd would free as the backward
 moves on, are reduced as soon as :data:`HELD_GRADIENT_BYTES` of them are pending, and the sampled
 backward's rest as it ends. With ``grad_accumulation_steps=k`` the micro-batch losses are assumed
 divided by ``k`` (the usual recipe; it matters for "empirical").
@@ -185,14 +186,16 @@ class Capture:
     :class:`Statistics`. ``factor_step()`` says whether the current step updates factors;
     ``ops`` reduces rows to sums; ``generator`` draws Monte Carlo targets; ``counters`` and
     ``warned`` are the preconditioner's; ``on_forward()`` runs as every forward that is not
-    paused begins."""
+    paused begins; ``fold(statistics)``, when given, takes the step's sums as each captured
+    micro-batch after the first begins (into the factors)."""
 
     def __init__(self, model: nn.Module, blocks: list[Block], installs, settings: CaptureSettings, *,
                  factor_step: Callable[[], bool], ops, generator: torch.Generator, counters: dict,
-                 warned: set[str], on_forward: Callable[[], None] | None = None):
+                 warned: set[str], on_forward: Callable[[], None] | None = None,
+                 fold: Callable[[Statistics], None] | None = None):
         self.model, self.blocks, self.settings = model, blocks, settings
         self._by_name = {b.name: b for b in blocks}
-        self._on_forward = on_forward
+        self._on_forward, self._fold = on_forward, fold
         self.fisher = settings.fisher
         self._factor_step, self.ops, self._generator = factor_step, ops, generator
         self._counters, self._warned = counters, warned
@@ -258,9 +261,11 @@ class Capture:
             return
         if self.settings.grad_scaler is not None and self.statistics.forwards >= self.settings.grad_accumulation_steps:
             # A full step's micro-batches and no step(): the scaler skipped it (an overflow).
-            self._counters["discarded_micro_batches"] += self.statistics.forwards
+            self._counters["discarded_micro_batches"] += self.statistics.forwards - self.statistics.folded_forwards
             self.clear()
         self.flush()
+        if self._fold is not None and self.statistics.forwards > self.statistics.folded_forwards:
+            self._fold(self.statistics)  # the micro-batches so far, into the factors: no sums held
 
     def record(self, pairs: list[tuple[Block, slice | None]], x: Tensor, output: Tensor, layout=None) -> None:
         """Capture callback of the layer kinds: ``x`` went into ``pairs``' blocks, ``output`` came out."""

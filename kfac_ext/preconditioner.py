@@ -25,6 +25,7 @@ from .inverse import Inverses, kl_clip_scale
 from .layers import Block, find_blocks
 from .losses import Loss
 from .settings import check_choice, make_checked_loss, resolve_kl_clip, validate
+from .statistics import Statistics
 from .topology import choose, unwrap_model
 from .util import Counters, Schedule, flush_denormals, value, warn, warn_once
 
@@ -80,7 +81,12 @@ class KFACPreconditioner:
         damping, factor_decay, factor_update_steps, inv_update_steps, lr, kl_clip: a number or a
             callable of the step. ``kl_clip`` rescales the update so that ``lr² Σ ⟨v, g⟩ <=
             kl_clip``; ``"auto"`` (default) is 1e-3 when ``lr`` is known, else off; None is off.
-        grad_accumulation_steps: micro-batches (forward + backward) per ``step()``.
+        grad_accumulation_steps: micro-batches (forward + backward) per ``step()``. With ``k > 1``
+            each micro-batch goes into the factors as the next begins (no factor-sized sums are
+            held): its mean weighs ``(1-ρ)/k``, the old factor ``ρ``, and ``step()`` divides by
+            what the micro-batches that ran a block with finite statistics add up to. With all
+            ``k`` run, equally sized, that is one step on their concatenation; fewer are averaged;
+            a micro-batch with a non-finite activation or output gradient is left out.
         factor_rows: at most about this many rows (tokens, pixels, examples) of each block's
             micro-batch enter its factor sums: every ``k``-th row, from an offset that moves on
             with every factor update, the sum rescaled to all rows (unbiased). The factor GEMMs'
@@ -88,7 +94,8 @@ class KFACPreconditioner:
         factor_dtype, inv_dtype: float32 or float64 (activations may be bf16/fp16).
         grad_scaler: the ``torch.amp.GradScaler`` scaling your backward: ``"empirical"`` factors
             are unscaled, overflowing steps are left to it, and a step it skipped (a micro-batch
-            beyond ``grad_accumulation_steps`` arrives before ``step()``) drops its statistics.
+            beyond ``grad_accumulation_steps`` arrives before ``step()``) drops its statistics
+            not yet in the factors (with ``k > 1``, the micro-batches before the last are in).
         skip_layers: module types, or regular expressions matched against whole module names,
             to leave to the base optimizer.
         max_factor_dim: blocks with a dense factor side larger than this (a vocabulary-sized
@@ -177,7 +184,8 @@ class KFACPreconditioner:
                                    loss_mask_fn, grad_accumulation_steps, factor_dtype, grad_scaler, factor_rows)
         self.capture = Capture(model, self.blocks, self.registration.installs, settings, factor_step=self._is_factor_step,
                                ops=ops, generator=self.generator, counters=self._stats, warned=self._warned,
-                               on_forward=self._release_raw_gradients)
+                               on_forward=self._release_raw_gradients,
+                               fold=self._fold_micro_batches if grad_accumulation_steps > 1 else None)
         #: ``(blocks, grads, finite) -> directions`` in place of the K-FAC direction, or None (the
         #: Adam-in-eigenbasis rule of :class:`~kfac_ext.KFAC` sets one)
         self.direction_rule: Callable[[list[Block], list[Tensor], Tensor], list[Tensor]] | None = None
@@ -262,7 +270,7 @@ class KFACPreconditioner:
 
     def update_curvature(self, grads_finite: Tensor) -> bool:
         """The moving averages from this step's captured statistics; False iff the gradients
-        were not finite (then nothing is updated)."""
+        were not finite (then nothing is updated, but for micro-batches already folded in)."""
         done = self.curvature.update(self.blocks, self.capture.collect(), grads_finite,
                                      lambda: float(value(self.factor_decay, self.steps)), self.topology, self._stats)
         if done is False:  # known on the host already: this step's gradients are not finite
@@ -271,6 +279,9 @@ class KFACPreconditioner:
             self._no_statistics()
             return True
         return done
+
+    def _fold_micro_batches(self, stats: Statistics) -> None:
+        self.curvature.fold(self.blocks, stats, float(value(self.factor_decay, self.steps)), self.grad_accumulation_steps)
 
     def _warn_nonfinite(self, count: int) -> None:
         """Once per run: ``count`` steps so far were skipped for non-finite gradients. Said where

@@ -24,10 +24,19 @@ class Statistics:
     a_rows: dict[str, int] = dataclasses.field(default_factory=dict)
     g_sum: dict[str, Tensor] = dataclasses.field(default_factory=dict)
     forwards: int = 0
+    #: how many of the forwards are no longer in the sums (folded into the factors)
+    folded_forwards: int = 0
     #: at most about this many rows of a block's micro-batch enter its sums (None: all of them)
     max_rows: int | None = None
     #: which of the strided subsets :meth:`subsample` takes (advanced by the caller, per reduction)
     phase: int = 0
+
+    def take_sums(self) -> tuple[dict[str, Tensor], dict[str, int], dict[str, Tensor], int]:
+        """``a_sum``, ``a_rows``, ``g_sum`` and how many forwards they cover, handed over (the
+        statistics keep counting forwards but hold no sums after this)."""
+        taken = self.a_sum, self.a_rows, self.g_sum, self.forwards - self.folded_forwards
+        self.a_sum, self.a_rows, self.g_sum, self.folded_forwards = {}, {}, {}, self.forwards
+        return taken
 
     def subsample(self, rows: Tensor) -> tuple[Tensor, float]:
         """Every ``k``-th row from offset ``phase mod k`` (``k = ⌈N / max_rows⌉``) and ``N / n``,

@@ -310,6 +310,16 @@ MUTATIONS = [
        "        if False:",
        [f"{T_LAYERS}::test_gradient_rows_are_reduced_as_the_backward_goes"],
        "every output-gradient row held until the micro-batch ends"),
+    _m("folded-factors-not-renormalised", "curvature.py",
+       "            elif total != 1:",
+       "            elif False:",
+       [f"{T_LAYERS}::test_folded_micro_batches_weigh_what_they_hold"],
+       "folded micro-batches never divided by their total weight (fewer than k, or a NaN one)"),
+    _m("folded-micro-batch-not-masked", "curvature.py",
+       "                masked = torch.where(folded.flags[-1], total, 0.0)",
+       "                masked = total.clone()",
+       [f"{T_LAYERS}::test_folded_micro_batches_weigh_what_they_hold"],
+       "a micro-batch with non-finite statistics folded into the factors"),
 ]
 
 

@@ -10,6 +10,7 @@ Fisher block where the theory says it must (type-2, float64).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -611,10 +612,65 @@ def test_accumulation_equals_one_big_batch(fisher_type):
     for chunk_x, chunk_y in zip(x.chunk(3), y.chunk(3)):
         (F.cross_entropy(model(chunk_x), chunk_y) / 3).backward()
         assert all(len(v) == 1 for v in acc.capture.pending_a.values())  # only this micro-batch is held
+        stats = acc.capture.statistics  # the micro-batches before this one: in the factors, no sums held
+        assert stats.folded_forwards == stats.forwards - 1 and not stats.a_sum
     acc.step()
     for name, (a, g) in acc.factors().items():
         torch.testing.assert_close(a, expected[name][0], rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(g, expected[name][1], rtol=1e-12, atol=1e-14)
+
+
+def _accumulated_step(precond, model, chunks, k):
+    model.zero_grad()
+    for chunk_x, chunk_y in chunks:
+        (F.cross_entropy(model(chunk_x), chunk_y) / k).backward()
+    return bool(precond.step())
+
+
+@pytest.mark.parametrize("case", ["fewer micro-batches than declared", "a non-finite micro-batch"])
+def test_folded_micro_batches_weigh_what_they_hold(case):
+    """Under gradient accumulation each micro-batch goes into the factors as the next begins:
+    its mean (the factors of one step on it alone) weighs (1-ρ)/k, the old factor ρ (0 in the
+    first step), and step() divides by what the finite micro-batches add up to. So a step that
+    ran fewer micro-batches than declared (k = 4, 2 then 3 here) averages the ones it ran, and a
+    micro-batch with a NaN input is left out of the factors (its step is skipped, nothing moves
+    to NaN). Float64, type-2 (no sampling)."""
+    torch.manual_seed(23)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x, y = torch.randn(20, 3, dtype=F64), torch.randint(0, 2, (20,))
+    chunks = list(zip(x.chunk(5), y.chunk(5)))
+    means = [type2_factors_of_one_batch(model, cx, cy) for cx, cy in chunks]
+    k = 4 if case.startswith("fewer") else 3
+    first, second = (chunks[:2], chunks[2:]) if case.startswith("fewer") else (chunks[:3], chunks[2:])
+    if case == "a non-finite micro-batch":
+        bad_x = second[1][0].clone()
+        bad_x[0, 0] = float("nan")
+        second[1] = (bad_x, second[1][1])
+        kept = [2, 4]
+    else:
+        kept = [2, 3, 4]
+    precond = KFACPreconditioner(model, "cross_entropy", fisher_type="type-2", factor_dtype=F64,
+                                 grad_accumulation_steps=k)
+    rho = precond.factor_decay
+    assert _accumulated_step(precond, model, first, k)
+    expected = {name: [sum(means[i][name][s] for i in range(len(first))) / len(first) for s in (0, 1)]
+                for name in means[0]}
+    for name, (a, g) in precond.factors().items():
+        torch.testing.assert_close(a, expected[name][0], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(g, expected[name][1], rtol=1e-12, atol=1e-14)
+
+    nonfinite = case == "a non-finite micro-batch"
+    with pytest.warns(RuntimeWarning, match="non-finite") if nonfinite else contextlib.nullcontext():
+        ok = _accumulated_step(precond, model, second, k)
+    assert ok != nonfinite
+    total = rho + (1 - rho) * len(kept) / k
+    for name, (a, g) in precond.factors().items():
+        for side, factor in enumerate((a, g)):
+            want = (rho * expected[name][side] + (1 - rho) / k * sum(means[i][name][side] for i in kept)) / total
+            torch.testing.assert_close(factor, want, rtol=1e-12, atol=1e-14)
+    stats = precond.stats
+    assert stats["factor_updates"] == 2  # the second step's finite micro-batches went in
+    assert stats["skipped_factor_updates"] == 1 - ok  # the step with a NaN, skipped
 
 
 @pytest.mark.parametrize("fisher_type", ["mc", "type-2", "empirical"])

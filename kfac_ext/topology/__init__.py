@@ -23,7 +23,10 @@ every step with identical factors, inverses, statistics and gradients:
    ``mean_r(ρF + (1-ρ)S_r) = ρF + (1-ρ) mean_r(S_r)``: with equal per-rank batches this is the
    factor a single process gets on the concatenated batch. The all-reduce is bucketed (a few
    flat buffers of at most ``bucket_cap_mb``) and carries only the upper triangle of each
-   symmetric factor, unpacked and mirrored so the result stays exactly symmetric.
+   symmetric factor, unpacked and mirrored so the result stays exactly symmetric. Under gradient
+   accumulation the micro-batches go into each rank's factors as they come, each kept or left out
+   by its own rank's finite flag (no collective between micro-batches); the average at
+   ``step()`` makes the ranks identical again.
 2. **Inverse-update steps.** Every inversion has one owner rank
    (:func:`~kfac_ext.topology.assignment.lpt_assignment`, greedy longest-processing-time first
    with cost ``n³``); only the owner inverts. The status codes are all-reduced, so a failed
