@@ -144,6 +144,11 @@ SCENARIOS = {
     # Monte Carlo targets: every rank samples its own (seed + rank), so no single-process twin
     # on the whole batch; test_mc_factors_average_each_ranks_own_samples checks the factors.
     "mc": dict(kfac=kfac_args("b", "eigen", "mc"), wrap="ddp", steps=3, reference=False),
+    # Two micro-batches per step on every rank (one process: two halves of the whole batch): each
+    # goes into the rank's factors as the next begins, no flag agreed between them; the average at
+    # step() gives every rank, and the one process, the whole batch's factors.
+    "accumulate": dict(kfac=kfac_args("a", "eigen", "type-2", grad_accumulation_steps=2), wrap="ddp", steps=4,
+                       accumulate=2, golden=False),
     # process_group=: only ranks 1 and 2 of 3 train (group ranks 0 and 1; rank 2 owns things).
     "subgroup": dict(kfac=kfac_args("b", "eigen", "type-2"), wrap="manual", steps=4, group=[1, 2]),
     # FSDP2 (fully_shard on each Linear and the root): parameters and gradients are row shards
@@ -205,7 +210,7 @@ RUNS = {
     2: ["a-eigen-type2", "b-cholesky-empirical", "nan-input", "nan-statistics", "fail-a", "fail-b",
         "ckpt-a", "ckpt-b", "mc", "fsdp-a-eigen-type2", "fsdp-b-cholesky-empirical", "fsdp-nan-input",
         "fsdp-mc", "fsdp-bf16", "fsdp-ckpt", "fsdp-inplace-type2", "adaptive", "fsdp-adaptive", "fsdp-gpt2",
-        "fsdp-resnet18", "unequal", "eigen-adam-a", "eigen-adam-b", "fsdp-eigen-adam-a", "fsdp-eigen-adam"],
+        "fsdp-resnet18", "unequal", "accumulate", "eigen-adam-a", "eigen-adam-b", "fsdp-eigen-adam-a", "fsdp-eigen-adam"],
     3: ["a-cholesky-empirical-manual", "b-eigen-type2", "subgroup", "fsdp-a-eigen-type2", "fsdp-inplace-type2",
         "fsdp-resume", "fsdp-adaptive", "fsdp-gpt2", "fsdp-empty-shard", "unequal", "eigen-adam-b", "fsdp-eigen-adam"],
 }
@@ -304,9 +309,17 @@ def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None =
 
             def closure():
                 opt.zero_grad()
-                loss = loss_fn()
-                loss.backward()
-                return loss
+                if spec.get("accumulate", 1) == 1:
+                    loss = loss_fn()
+                    loss.backward()
+                    return loss
+                k = spec["accumulate"]
+                total = 0.0
+                for xm, ym in zip(x.chunk(k), y.chunk(k)):
+                    loss = F.cross_entropy(net(xm), ym) / k
+                    loss.backward()
+                    total = total + loss.detach()
+                return total
 
             adaptive = spec["kfac"].get("adaptive_damping", False)
             if not adaptive:  # else KFAC.step runs the closure
