@@ -95,6 +95,7 @@ FLOPS: dict[str, Callable] = {
     "eigen_decompose": _eigen_flops,
     "precondition_inverse": _precondition_flops,
     "precondition_eigen": _precondition_eigen_flops,
+    "eigen_adam": _precondition_eigen_flops,  # the same four GEMMs; Adam's moments are one pass
 }
 VENDOR = {"factor_update": "gemm", "damped_inverse": "cholesky loop", "eigen_decompose": "eigh loop"}
 
@@ -145,6 +146,11 @@ def make_workload(case: Case, device) -> tuple[Callable, Callable, Callable | No
         )
     la, qa, _ = ops.eigen_decompose(factors)
     lg, qg, _ = ops.eigen_decompose(g_factors)
+    if case.family == "eigen_adam":
+        moments = [[torch.zeros(d, d + 1, device=dev) for d in dims] for _ in range(2)]
+        steps = [torch.zeros((), device=dev) for _ in dims]
+        args = (qg, grads, qa, *moments, steps, torch.tensor(True, device=dev), 0.9, 0.999, 1e-8)
+        return (lambda: ops.eigen_adam_(*args), lambda: reference.eigen_adam_(*args), None)
     args = (qg, lg, grads, qa, la, 1e-3)
     return (lambda: ops.precondition_eigen(*args), lambda: reference.precondition_eigen(*args), None)
 
@@ -188,7 +194,7 @@ def sweep(quick: bool, device_type: str) -> list[Case]:
         mixed, mixed_rows = [784, 1024, 1024, 512, 512, 256, 256, 128, 64, 10] * 2, 8192
     cases = []
     for family in FLOPS:
-        family_dtypes = dtypes if family in ("factor_update", "precondition_inverse", "precondition_eigen") else [torch.float32]
+        family_dtypes = dtypes if family in ("factor_update", "precondition_inverse", "precondition_eigen", "eigen_adam") else [torch.float32]
         family_rows = rows_grid if family == "factor_update" else [0]
         for dtype in family_dtypes:
             for rows in family_rows:

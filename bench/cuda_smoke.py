@@ -143,6 +143,21 @@ def check_inversion_and_preconditioning(report, dtype):
     out_g = ops.precondition_eigen(qg, lg, on_device(grads), qa, la, damping)
     out_c = ops.precondition_eigen(cpu(qg), cpu(lg), grads, cpu(qa), cpu(la), damping)
     check(report, f"precondition_eigen {dtype}", max(rel_err(g, c) for g, c in zip(out_g, out_c)), tol)
+    # eigen_adam: the CUDA path (ATen, the flag read on the device) against the CPU loop, a
+    # taken step then a skipped one; the middle layer without Q_A (a diagonal A)
+    moments = [[torch.rand(m, n, dtype=dtype) + 0.5 for m, n in ((1, 7), (64, 65), (130, 7))] for _ in range(2)]
+    steps = [torch.tensor(float(t)) for t in (0, 3, 11)]
+    qa_opt = [qa[0], None, qa[2]]
+    state_g = [on_device(moments[0]), on_device(moments[1]), on_device(steps)]
+    state_c = [[t.clone() for t in moments[0]], [t.clone() for t in moments[1]], [t.clone() for t in steps]]
+    for keep in (True, False):
+        out_g = ops.eigen_adam_(qg, on_device(grads), qa_opt, *state_g,
+                                torch.tensor(keep, device=DEVICE), 0.9, 0.99, 1e-8)
+        out_c = ops.eigen_adam_(cpu(qg), grads, [None if t is None else t.cpu() for t in qa_opt], *state_c,
+                                torch.tensor(keep), 0.9, 0.99, 1e-8)
+        worst = max(rel_err(g, c) for g, c in zip(out_g + state_g[0] + state_g[1], out_c + state_c[0] + state_c[1]))
+        expect(all(g.item() == c.item() for g, c in zip(state_g[2], state_c[2])), f"eigen_adam steps keep={keep}")
+        check(report, f"eigen_adam {dtype} keep={keep}", worst, tol)
     grad = torch.randn(1, 7, dtype=dtype)
     pi_g = ops.precondition_inverse([inv_g[0]], [grad.to(DEVICE)], [inv_g[1]])
     pi_c = ops.precondition_inverse([inv_c[0]], [grad], [inv_c[1]])

@@ -20,4 +20,13 @@ TORCH_LIBRARY(kfac_ext, m) {
   m.def(
       "precondition_eigen(Tensor[] g_eigenvectors, Tensor[] g_eigenvalues, Tensor[] grads, "
       "Tensor[] a_eigenvectors, Tensor[] a_eigenvalues, float[] damping) -> Tensor[]");
+  // Adam in the Kronecker eigenbasis, one step per layer: g^ = Q_G^T grad Q_A (no Q_A: a
+  // diagonal A, g^ = Q_G^T grad); where keep, m <- lerp(m, g^, 1 - beta1), v <- lerp(v, g^^2,
+  // 1 - beta2), step += 1 (in place); directions <- Q_G (m^ / (sqrt(v^) + eps)) Q_A^T,
+  // bias-corrected. (Written into `directions`, not returned: torch cannot functionalize a
+  // custom op that both mutates and returns.)
+  m.def(
+      "eigen_adam(Tensor[] g_eigenvectors, Tensor[] grads, Tensor?[] a_eigenvectors, "
+      "Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, Tensor(c!)[] steps, Tensor keep, "
+      "float beta1, float beta2, float eps, Tensor(d!)[] directions) -> ()");
 }

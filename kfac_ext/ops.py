@@ -12,7 +12,7 @@ Conventions (pinned by ``tests/``):
   bfloat16 or float16 and are cast up to the factor dtype before any arithmetic.
 * Ops take every scale and damping explicitly; none is guessed.
 
-On CUDA, ``factor_update_``, ``kron_matmul`` and ``precondition_eigen`` never synchronize or copy
+On CUDA, ``factor_update_``, ``kron_matmul``, ``precondition_eigen`` and ``eigen_adam_`` never synchronize or copy
 host to device (per-layer tables travel as kernel parameters), so they can be captured in a CUDA
 graph; ``damped_inverse`` and ``eigen_decompose`` read their statuses back once per call (to retry
 float32 failures in float64) and refuse to run under capture.
@@ -42,6 +42,7 @@ __all__ = [
     "kron_matmul",
     "precondition_inverse",
     "precondition_eigen",
+    "eigen_adam_",
 ]
 
 
@@ -214,6 +215,45 @@ def precondition_eigen(
     )
 
 
+def eigen_adam_(
+    g_eigenvectors: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    a_eigenvectors: Sequence[Tensor | None],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    keep: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> list[Tensor]:
+    """One step of Adam in each layer's Kronecker eigenbasis (SOAP's idea with K-FAC's
+    factors): the gradient rotated to ``ĝ = Q_Gᵀ ∇W̄ Q_A``; where ``keep``, in place,
+    ``m ← β₁m + (1-β₁)ĝ``, ``v ← β₂v + (1-β₂)ĝ²`` (``torch.lerp``'s rounding) and ``step += 1``;
+    returned, the bias-corrected step rotated back, ``Q_G (m̂ / (√v̂ + ε)) Q_Aᵀ`` with
+    ``m̂ = m / (1-β₁ᵗ)``, ``v̂ = v / (1-β₂ᵗ)``, ``t = max(step, 1)``. With ``keep`` False nothing
+    changes (the caller masks the returned step). Rotation, moments and the step are one fused
+    pass per layer on CPU; on CUDA ``keep`` is read on the device (no synchronization).
+
+    Args:
+        g_eigenvectors: ``[out_i, out_i]`` eigenvectors of G, float32 or float64 (the dtype of
+            the moments and of the arithmetic).
+        grads: ``[out_i, in_i (+1)]``, any supported float dtype, contiguous; results come back in it.
+        a_eigenvectors: ``[in_i (+1), in_i (+1)]`` eigenvectors of A, or None for a diagonal A
+            (an embedding: its basis is the identity).
+        exp_avgs, exp_avg_sqs: ``m`` and ``v``, shaped like ``grads[i]``, in the eigenvectors'
+            dtype, contiguous; updated in place.
+        steps: 0-d float32 step counts, updated in place.
+        keep: 0-d bool on the layers' device: False leaves every moment and count as it was.
+        beta1, beta2: in ``[0, 1)``; eps: ``> 0``.
+    """
+    grads = _nonempty("eigen_adam", "grads", grads)
+    directions = [torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads]
+    torch.ops.kfac_ext.eigen_adam(list(g_eigenvectors), grads, list(a_eigenvectors), list(exp_avgs), list(exp_avg_sqs),
+                                  list(steps), keep, float(beta1), float(beta2), float(eps), directions)
+    return directions
+
+
 # ---- fake implementations: shapes and dtypes only, so the ops trace under torch.compile -------
 
 
@@ -243,3 +283,8 @@ def _(lefts, mats, rights):
 @torch.library.register_fake("kfac_ext::precondition_eigen")
 def _(g_eigenvectors, g_eigenvalues, grads, a_eigenvectors, a_eigenvalues, damping):
     return [torch.empty_like(g) for g in grads]
+
+
+@torch.library.register_fake("kfac_ext::eigen_adam")
+def _(g_eigenvectors, grads, a_eigenvectors, exp_avgs, exp_avg_sqs, steps, keep, beta1, beta2, eps, directions):
+    return None

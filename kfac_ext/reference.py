@@ -125,3 +125,30 @@ def precondition_eigen(
         rotated = rotated / (lg.unsqueeze(-1) * la.unsqueeze(-2) + gamma)
         out.append((qg @ rotated @ qa.mT).to(grad.dtype))
     return out
+
+
+def eigen_adam_(
+    g_eigenvectors: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    a_eigenvectors: Sequence[Tensor | None],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    keep: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> list[Tensor]:
+    out = []
+    for qg, grad, qa, m, v, step in zip(g_eigenvectors, grads, a_eigenvectors, exp_avgs, exp_avg_sqs, steps):
+        g = qg.mT @ grad.to(qg.dtype)
+        g = g @ qa if qa is not None else g
+        # a skipped step lerps each moment toward itself: exactly unchanged
+        m.lerp_(torch.where(keep, g, m), 1 - beta1)
+        v.lerp_(torch.where(keep, g * g, v), 1 - beta2)
+        step.add_(keep)
+        t = step.double().clamp_min(1.0)  # never stepped: m = 0
+        c1, c2 = ((1 - beta**t).to(m.dtype) for beta in (beta1, beta2))
+        u = qg @ ((m / c1) / ((v / c2).sqrt() + eps))
+        out.append((u @ qa.mT if qa is not None else u).to(grad.dtype))
+    return out

@@ -28,16 +28,13 @@ from torch import Tensor
 
 from .fsdp import local
 from .inverse import EigenPair
-from .util import batched_by_bytes, group_by
+from .util import group_by
 
 if TYPE_CHECKING:
     from .inverse import Inverses
     from .layers import Block
 
 RULES = ("eigen-adam", "adamw", "sgd")
-#: eigen-adam stacks same-shape blocks' gradients and bases up to this many bytes at once (the
-#: stacks are transient copies; a block over it goes alone, through views)
-STACK_BYTES = 32 * 2**20
 
 
 def masked_sgd(params: list[Tensor], states: list[dict], ok: Tensor, *, lr: float, momentum: float,
@@ -136,46 +133,26 @@ class EigenbasisAdam:
 
     def __call__(self, blocks: list[Block], grads: list[Tensor], finite: Tensor) -> list[Tensor]:
         """The directions of ``blocks``; where ``finite`` is False no state changes (and the
-        preconditioner, which masks every rule's directions, writes zeros).
-        Blocks whose gradients and bases have one shape go through together, up to
-        :data:`STACK_BYTES` of gradients and bases at once: one batched rotation and one Adam
-        update per batch, not one per block (on small models the per-op cost, not the
-        arithmetic, sets a step's time). A large block goes alone, through views: no copy."""
+        preconditioner, which masks every rule's directions, writes zeros). All blocks go
+        through one native call (:func:`kfac_ext.ops.eigen_adam_`, per gradient and basis
+        dtype): on small models the per-op cost of a Python loop of rotations and moment
+        updates, not their arithmetic, would set a step's time."""
         directions: list[Tensor | None] = [None] * len(blocks)
-        by_shape = group_by(range(len(blocks)), lambda i: self._group_key(blocks[i], grads[i]))
-        for members in by_shape.values():
-            for batch in batched_by_bytes(members, lambda i: self._stack_bytes(blocks[i], grads[i]), STACK_BYTES):
-                out = self._batch_directions([blocks[i] for i in batch], [grads[i] for i in batch], finite)
-                for i, d in zip(batch, out):
-                    directions[i] = d.to(grads[i].dtype)
+        by_dtype = group_by(range(len(blocks)), lambda i: (grads[i].dtype, self._basis_dtype(blocks[i])))
+        for members in by_dtype.values():
+            states = [self._state_in_current_basis(blocks[i], grads[i]) for i in members]
+            out = self.inverses.ops.eigen_adam_(
+                [s["q_g"] for s in states], [grads[i].contiguous() for i in members], [s["q_a"] for s in states],
+                [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
+                finite, *self.betas, self.eps)
+            for i, d in zip(members, out):
+                directions[i] = d
         return directions
 
-    def _group_key(self, block: Block, grad: Tensor) -> tuple:
+    def _basis_dtype(self, block: Block) -> torch.dtype:
         rec_a, rec_g = self.inverses.records[block.name]
         assert isinstance(rec_a, EigenPair) and isinstance(rec_g, EigenPair), "eigen-adam needs eigenpairs"
-        return tuple(grad.shape), rec_a.vectors is None, rec_g.vectors.dtype, grad.device
-
-    def _stack_bytes(self, block: Block, grad: Tensor) -> int:
-        rec_a, rec_g = self.inverses.records[block.name]
-        return sum(t.nbytes for t in (grad, rec_g.vectors, rec_a.vectors) if t is not None)
-
-    def _batch_directions(self, blocks: list[Block], grads: list[Tensor], finite: Tensor) -> list[Tensor]:
-        beta1, beta2 = self.betas
-        states = [self._state_in_current_basis(b, g) for b, g in zip(blocks, grads)]
-        q_g = _stack([s["q_g"] for s in states])
-        q_a = None if states[0]["q_a"] is None else _stack([s["q_a"] for s in states])
-        g = torch.where(finite, _rotate(_stack(grads).to(q_g.dtype), q_g, q_a), 0.0)
-        # lerp with weight 0 (a skipped step) leaves a moment exactly as it was
-        keep = finite.to(g.dtype)
-        m = _stack([s["exp_avg"] for s in states]).lerp_(g, keep * (1 - beta1))
-        v = _stack([s["exp_avg_sq"] for s in states]).lerp_(g * g, keep * (1 - beta2))
-        count = _stack([s["step"] for s in states]) + finite.to(torch.float32)
-        steps = count.double().clamp_min(1.0)[:, None, None]  # never stepped (all skipped): m = 0
-        c1, c2 = ((1 - beta**steps).to(m.dtype) for beta in (beta1, beta2))  # bias corrections, per block
-        u = (m / c1) / ((v / c2).sqrt() + self.eps)
-        for i, s in enumerate(states):
-            s["exp_avg"], s["exp_avg_sq"], s["step"] = m[i], v[i], count[i]
-        return _rotate_back(u, q_g, q_a).unbind()
+        return rec_g.vectors.dtype
 
     def _state_in_current_basis(self, block: Block, grad: Tensor) -> dict[str, Any]:
         """The block's moments, created (zeros) on first use, carried into the current basis
@@ -197,7 +174,7 @@ class EigenbasisAdam:
         return state
 
     def state_dict(self) -> dict[str, dict[str, Tensor]]:
-        # clones: the moments are views into their shape group's last update
+        # clones: the op updates the moments in place at every later step
         return {name: {k: v.clone() for k, v in s.items() if k in ("step", "exp_avg", "exp_avg_sq")}
                 for name, s in self.state.items()}
 
@@ -212,16 +189,6 @@ class EigenbasisAdam:
             self.state[name].update(q_a=rec_a.vectors, q_g=rec_g.vectors)
 
 
-def _stack(tensors: list[Tensor]) -> Tensor:
-    """``torch.stack``, but a view (no copy) of a single tensor: in-place updates of it reach it."""
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
-
-
 def _rotate(matrix: Tensor, q_g: Tensor, q_a: Tensor | None) -> Tensor:
     out = q_g.mT @ matrix
     return out @ q_a if q_a is not None else out
-
-
-def _rotate_back(matrix: Tensor, q_g: Tensor, q_a: Tensor | None) -> Tensor:
-    out = q_g @ matrix
-    return out @ q_a.mT if q_a is not None else out

@@ -45,14 +45,19 @@ doubling = Doubling
 
 
 def all_finite(tensors: list[Tensor]) -> Tensor:
-    """A 0-d bool on the device: every element of every tensor is finite. A tensor's largest
-    magnitude is NaN or inf iff it holds one: one pass per tensor, all tensors in one call (on
-    a small model the per-op cost, not the arithmetic, is what a step pays) and, unlike a sum,
-    no overflow."""
+    """A 0-d bool on the device: every element of every tensor is finite. A tensor's norm is
+    NaN or inf iff it holds one: one pass per tensor, all tensors in one call (on a small model
+    the per-op cost, not the arithmetic, is what a step pays). The 2-norm is accumulated in
+    float64, where no float32 / bfloat16 / float16 square overflows; float64 tensors take the
+    max-norm (no squares), which is exact too but on CPU ~8x slower."""
     nonempty = [t for t in tensors if t.numel()]
     if not nonempty:
         return torch.ones((), dtype=torch.bool, device=tensors[0].device)
-    return torch.stack(torch._foreach_norm(nonempty, ord=float("inf"))).isfinite().all()
+    narrow = [t for t in nonempty if t.dtype != torch.float64]
+    wide = [t for t in nonempty if t.dtype == torch.float64]
+    norms = list(torch._foreach_norm(narrow, 2, dtype=torch.float64)) if narrow else []
+    norms += torch._foreach_norm(wide, ord=float("inf")) if wide else []
+    return torch.stack(norms).isfinite().all()
 
 
 def group_by(items: Iterable[T], key: Callable[[T], Hashable]) -> dict[Hashable, list[T]]:

@@ -177,6 +177,88 @@ def test_precondition_eigen_clamped_psd(device):
     assert rel_err(out, dense_kron_solve(g, a, grad, 0.5)) < SOLVE_TOL[torch.float64]
 
 
+# ---- eigen_adam -----------------------------------------------------------------------------------
+
+# (out, in + 1) per layer; None in ADAM_NO_A: a diagonal A (an embedding: no a_eigenvectors).
+# 70 x 257 spans two chunks of the CPU loop's parallel split.
+ADAM_LAYERS = [(1, 2), (3, 18), (17, 4), (10, 65), (70, 257)]
+ADAM_NO_A = {2}
+BETA1, BETA2, ADAM_EPS = 0.9, 0.99, 1e-8
+
+
+def adam_args(dtype, grad_dtype, device, steps=(0.0, 1.0, 4.0, 9.0, 30.0)):
+    """eigen_adam's arguments for ADAM_LAYERS: orthogonal bases, moments with v well above eps
+    (so the normalized step is well conditioned), and step counts from never-stepped to many."""
+    g_vectors = [random_orthogonal(out, dtype, device) for out, _ in ADAM_LAYERS]
+    a_vectors = [None if i in ADAM_NO_A else random_orthogonal(inp, dtype, device)
+                 for i, (_, inp) in enumerate(ADAM_LAYERS)]
+    grads = [torch.randn(out, inp, device=device).to(grad_dtype) for out, inp in ADAM_LAYERS]
+    exp_avgs = [torch.randn(out, inp, dtype=dtype, device=device) for out, inp in ADAM_LAYERS]
+    exp_avg_sqs = [0.5 + torch.rand(out, inp, dtype=dtype, device=device) for out, inp in ADAM_LAYERS]
+    counts = [torch.tensor(t, device=device) for t in steps]
+    return g_vectors, grads, a_vectors, exp_avgs, exp_avg_sqs, counts
+
+
+def adam_in_float64(g_vectors, grads, a_vectors, exp_avgs, exp_avg_sqs, counts, keep: bool):
+    """What eigen_adam should return and leave behind, in float64 from the same inputs."""
+    directions, moments = [], []
+    for qg, grad, qa, m, v, count in zip(g_vectors, grads, a_vectors, exp_avgs, exp_avg_sqs, counts):
+        qg, m, v = qg.double(), m.double(), v.double()
+        qa = torch.eye(grad.shape[1], dtype=torch.float64, device=grad.device) if qa is None else qa.double()
+        g = qg.T @ grad.double() @ qa
+        t = float(count) + keep
+        if keep:
+            m, v = BETA1 * m + (1 - BETA1) * g, BETA2 * v + (1 - BETA2) * g * g
+        t = max(t, 1.0)
+        u = (m / (1 - BETA1**t)) / ((v / (1 - BETA2**t)).sqrt() + ADAM_EPS)
+        directions.append(qg @ u @ qa.T)
+        moments.append((m, v, t if keep else float(count)))
+    return directions, moments
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["step", "skipped"])
+@pytest.mark.parametrize("grad_dtype", MAT_DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_eigen_adam_is_adam_in_the_eigenbasis(device, dtype, grad_dtype, keep):
+    """Directions, moments and step counts vs float64 and vs the reference. Skipped
+    (keep=False): every moment and count exactly as it was, the direction from them."""
+    args = adam_args(dtype, grad_dtype, device)
+    before = [[t.clone() for t in field] for field in args[3:]]
+    ref_args = [list(field) for field in args[:3]] + [[t.clone() for t in field] for field in args[3:]]
+    flag = torch.tensor(keep, device=device)
+    want, want_moments = adam_in_float64(*args[:3], *before, keep)
+    got = ops.eigen_adam_(*args, flag, BETA1, BETA2, ADAM_EPS)
+    ref = reference.eigen_adam_(*ref_args, flag, BETA1, BETA2, ADAM_EPS)
+    _, _, _, exp_avgs, exp_avg_sqs, counts = args
+    for i, (out, grad) in enumerate(zip(got, args[1])):
+        assert out.dtype == grad_dtype and out.shape == grad.shape
+        assert rel_err(out, want[i]) < tol(dtype, grad_dtype), i
+        assert rel_err(out, ref[i]) < tol(dtype, grad_dtype), i
+        m, v, t = want_moments[i]
+        if keep:
+            assert rel_err(exp_avgs[i], m) < TOL[dtype] and rel_err(exp_avg_sqs[i], v) < TOL[dtype], i
+            assert rel_err(exp_avgs[i], ref_args[3][i]) < TOL[dtype], i
+        else:
+            assert torch.equal(exp_avgs[i], before[0][i]) and torch.equal(exp_avg_sqs[i], before[1][i]), i
+        assert counts[i].item() == t == ref_args[5][i].item(), i
+
+
+def test_eigen_adam_first_step_from_zero_moments(device):
+    """Zero moments, step 0: after one step the bias-corrected direction is Q_G sign-like
+    ĝ / (|ĝ| + eps) Q_Aᵀ, Adam's first step; never stepped and skipped: zero, never NaN."""
+    qg, qa = random_orthogonal(5, torch.float64, device), random_orthogonal(4, torch.float64, device)
+    grad = torch.randn(5, 4, dtype=torch.float64, device=device)
+    for keep in (True, False):
+        m, v = torch.zeros_like(grad), torch.zeros_like(grad)
+        step = torch.zeros((), device=device)
+        (out,) = ops.eigen_adam_([qg], [grad], [qa], [m], [v], [step], torch.tensor(keep, device=device),
+                                 BETA1, BETA2, ADAM_EPS)
+        g = qg.T @ grad @ qa
+        want = qg @ (g / (g.abs() + ADAM_EPS)) @ qa.T if keep else torch.zeros_like(grad)
+        assert rel_err(out, want) < TOL[torch.float64] if keep else torch.equal(out, want)
+        assert step.item() == float(keep)
+
+
 # ---- opcheck -------------------------------------------------------------------------------------
 
 
@@ -196,6 +278,14 @@ def test_opcheck_kron_matmul(device, mat_dtype):
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
 def test_opcheck_precondition_eigen(device, grad_dtype):
     torch.library.opcheck(torch.ops.kfac_ext.precondition_eigen, eigen_args(device, grad_dtype))
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_eigen_adam(device, grad_dtype):
+    args = adam_args(torch.float32, grad_dtype, device)
+    directions = [torch.empty_like(g) for g in args[1]]
+    torch.library.opcheck(torch.ops.kfac_ext.eigen_adam,
+                          (*args, torch.tensor(True, device=device), BETA1, BETA2, ADAM_EPS, directions))
 
 
 # ---- bad inputs: each names the op and the argument -------------------------------------------
@@ -296,14 +386,64 @@ def test_precondition_eigen_bad_input(device, case):
         ops.precondition_eigen(**replace(eigen_kwargs(device), field, index, make))
 
 
+ADAM_FIELDS = ["g_eigenvectors", "grads", "a_eigenvectors", "exp_avgs", "exp_avg_sqs", "steps", "keep",
+               "beta1", "beta2", "eps"]
+
+
+def adam_kwargs(device):
+    args = adam_args(torch.float32, torch.float32, device)
+    return dict(zip(ADAM_FIELDS, (*args, torch.tensor(True, device=device), BETA1, BETA2, ADAM_EPS)))
+
+
+BAD_ADAM = {
+    "1-D grad": ("grads", 1, lambda t: t[0], r"eigen_adam: grads\[1\] must be 2-D, got shape \[18\]"),
+    "transposed grad": ("grads", 3, lambda t: t.T.contiguous().T, r"eigen_adam: grads\[3\] must be contiguous"),
+    "int grad": ("grads", 0, lambda t: t.int(), r"eigen_adam: grads\[0\] must be float32, float64, bfloat16 or float16, got Int"),
+    "mixed grad dtypes": ("grads", 1, lambda t: t.half(), r"eigen_adam: grads\[1\] has dtype Half but grads\[0\] has Float"),
+    "G basis wrong size": ("g_eigenvectors", 1, lambda t: random_orthogonal(4, torch.float32, t.device),
+                           r"eigen_adam: layer 1: g_eigenvectors.size\(0\) is 4 but must be 3"),
+    "A basis wrong size": ("a_eigenvectors", 3, lambda t: random_orthogonal(64, torch.float32, t.device),
+                           r"eigen_adam: layer 3: a_eigenvectors.size\(0\) is 64 but must be 65"),
+    "non-square basis": ("a_eigenvectors", 1, lambda t: t[:3].contiguous(), r"eigen_adam: a_eigenvectors\[1\] must be square"),
+    "bf16 basis": ("g_eigenvectors", 0, lambda t: t.bfloat16(), r"eigen_adam: g_eigenvectors\[0\] must be float32 or float64, got BFloat16"),
+    "basis dtype": ("a_eigenvectors", 1, lambda t: t.double(), r"eigen_adam: a_eigenvectors\[1\] has dtype Double but g_eigenvectors\[0\] has Float"),
+    "moment shape": ("exp_avgs", 4, lambda t: t[:, :-1].contiguous(),
+                     r"eigen_adam: exp_avgs\[4\] has shape \[70, 256\] but grads\[4\] has shape \[70, 257\]"),
+    "moment dtype": ("exp_avg_sqs", 2, lambda t: t.double(), r"eigen_adam: exp_avg_sqs\[2\] has dtype Double but must have Float \(the eigenvectors' dtype\)"),
+    "moment not contiguous": ("exp_avg_sqs", 3, lambda t: t.T.contiguous().T, r"eigen_adam: exp_avg_sqs\[3\] must be contiguous"),
+    "step dtype": ("steps", 1, lambda t: t.double(), r"eigen_adam: steps\[1\] must be a 0-d float32 tensor, got Double"),
+    "step shape": ("steps", 0, lambda t: t[None], r"eigen_adam: steps\[0\] must be a 0-d float32 tensor, got Float of shape \[1\]"),
+    "steps too short": ("steps", None, lambda ts: ts[:4], r"eigen_adam: steps has 4 entries but grads has 5"),
+    "a bases too long": ("a_eigenvectors", None, lambda ts: ts + ts[:1], r"eigen_adam: a_eigenvectors has 6 entries but grads has 5"),
+    "float keep": ("keep", None, lambda t: t.float(), r"eigen_adam: keep must be a 0-d bool tensor, got Float"),
+    "beta1 = 1": ("beta1", None, lambda _: 1.0, r"eigen_adam: beta1 must be in \[0, 1\), got 1"),
+    "nan beta2": ("beta2", None, lambda _: math.nan, r"eigen_adam: beta2 must be in \[0, 1\), got nan"),
+    "zero eps": ("eps", None, lambda _: 0.0, r"eigen_adam: eps must be finite and > 0, got 0"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ADAM.values(), ids=BAD_ADAM.keys())
+def test_eigen_adam_bad_input(device, case):
+    """Refused before anything is written: the moments and counts are untouched."""
+    field, index, make, match = case
+    kwargs = replace(adam_kwargs(device), field, index, make)
+    before = [t.clone() for t in kwargs["exp_avgs"] + kwargs["exp_avg_sqs"] + kwargs["steps"]]
+    with pytest.raises(RuntimeError, match=match):
+        ops.eigen_adam_(**kwargs)
+    after = kwargs["exp_avgs"] + kwargs["exp_avg_sqs"] + kwargs["steps"]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
 @pytest.mark.parametrize(
     "call,match",
     [
         (lambda: ops.kron_matmul([], [], []), r"kron_matmul: lefts must hold at least one tensor"),
         (lambda: ops.precondition_eigen([], [], [], [], [], 0.1),
          r"precondition_eigen: grads must hold at least one tensor"),
+        (lambda: ops.eigen_adam_([], [], [], [], [], [], torch.tensor(True), 0.9, 0.99, 1e-8),
+         r"eigen_adam: grads must hold at least one tensor"),
     ],
-    ids=["kron_matmul", "precondition_eigen"],
+    ids=["kron_matmul", "precondition_eigen", "eigen_adam"],
 )
 def test_empty_lists(call, match):
     with pytest.raises(ValueError, match=match):
@@ -326,3 +466,12 @@ def test_precondition_eigen_mixed_devices(field):
     args = replace(eigen_kwargs("cpu"), field, 1, lambda t: t.cuda())
     with pytest.raises(RuntimeError, match=rf"precondition_eigen: {field}\[1\] is on cuda"):
         ops.precondition_eigen(**args)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("field", ["grads", "a_eigenvectors", "exp_avg_sqs", "steps"])
+def test_eigen_adam_mixed_devices(field):
+    args = replace(adam_kwargs("cpu"), field, 1, lambda t: t.cuda())
+    with pytest.raises(RuntimeError, match=rf"eigen_adam: {field}\[1\] is on cuda"):
+        ops.eigen_adam_(**args)

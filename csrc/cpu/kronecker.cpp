@@ -1,11 +1,13 @@
 // Kronecker-factored products on CPU: ATen GEMMs per entry (a layer, or a batch of same-shape
-// layers as one batched GEMM), entries in parallel when small, and the eigenbasis division fused
-// into one pass over the rotated gradient.
+// layers as one batched GEMM), entries in parallel when small, and the work in the eigenbasis
+// (the division by the eigenvalues, Adam's moments and step) fused into one pass over the
+// rotated gradient.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "aten/kronecker.h"
 #include "cpu/parallel.h"
@@ -44,6 +46,42 @@ void divide_by_damped_eigenvalues(const at::Tensor& rotated, const at::Tensor& g
   });
 }
 
+// torch.lerp's formula (start + w (end - start), or end - (end - start)(1 - w) for w >= 0.5),
+// so that the moments match torch's to rounding.
+template <typename T>
+inline T lerp(T start, T end, T weight) {
+  return weight < T(0.5) ? start + weight * (end - start) : end - (end - start) * (T(1) - weight);
+}
+
+// One Adam step of a layer in its eigenbasis, one pass: where keep, exp_avg and exp_avg_sq move
+// toward g and g^2 and step advances; rotated (g, contiguous, in place) becomes the normalized,
+// bias-corrected step m^ / (sqrt(v^) + eps). Same formulas as adam_in_eigenbasis_aten.
+void adam_in_eigenbasis(const at::Tensor& rotated, const at::Tensor& exp_avg,
+                        const at::Tensor& exp_avg_sq, const at::Tensor& step, bool keep,
+                        double beta1, double beta2, double eps) {
+  float* count = step.data_ptr<float>();
+  if (keep) *count += 1.0f;
+  const double t = std::max(static_cast<double>(*count), 1.0);  // never stepped: m = 0
+  AT_DISPATCH_FLOATING_TYPES(rotated.scalar_type(), "eigen_adam", [&] {
+    const auto c1 = static_cast<scalar_t>(1.0 - std::pow(beta1, t));
+    const auto c2 = static_cast<scalar_t>(1.0 - std::pow(beta2, t));
+    const auto w1 = static_cast<scalar_t>(1.0 - beta1), w2 = static_cast<scalar_t>(1.0 - beta2);
+    const auto epsilon = static_cast<scalar_t>(eps);
+    scalar_t* g = rotated.data_ptr<scalar_t>();
+    scalar_t* m = exp_avg.data_ptr<scalar_t>();
+    scalar_t* v = exp_avg_sq.data_ptr<scalar_t>();
+    at::parallel_for(0, rotated.numel(), 16384, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        if (keep) {
+          m[j] = lerp(m[j], g[j], w1);
+          v[j] = lerp(v[j], g[j] * g[j], w2);
+        }
+        g[j] = (m[j] / c1) / (std::sqrt(v[j] / c2) + epsilon);
+      }
+    });
+  });
+}
+
 }  // namespace
 
 std::vector<at::Tensor> kron_matmul(at::TensorList lefts, at::TensorList mats,
@@ -72,9 +110,25 @@ std::vector<at::Tensor> precondition_eigen(at::TensorList g_eigenvectors,
   return out;
 }
 
+void eigen_adam(at::TensorList g_eigenvectors, at::TensorList grads,
+                const c10::List<std::optional<at::Tensor>>& a_eigenvectors, at::TensorList exp_avgs,
+                at::TensorList exp_avg_sqs, at::TensorList steps, const at::Tensor& keep,
+                double beta1, double beta2, double eps, at::TensorList directions) {
+  check_eigen_adam_args(g_eigenvectors, grads, a_eigenvectors, exp_avgs, exp_avg_sqs, steps, keep,
+                        beta1, beta2, eps, directions);
+  const bool keep_step = keep.item<bool>();  // a CPU tensor: no synchronization
+  for_each_layer(grads.size(), 2 * largest_layer_flops(grads), [&](size_t i) {
+    const std::optional<at::Tensor> q_a = a_eigenvectors.get(i);
+    const at::Tensor rotated = to_eigenbasis(g_eigenvectors[i], grads[i], q_a);
+    adam_in_eigenbasis(rotated, exp_avgs[i], exp_avg_sqs[i], steps[i], keep_step, beta1, beta2, eps);
+    from_eigenbasis_into(directions[i], g_eigenvectors[i], rotated, q_a);
+  });
+}
+
 }  // namespace kfac::cpu
 
 TORCH_LIBRARY_IMPL(kfac_ext, CPU, m) {
   m.impl("kron_matmul", &kfac::cpu::kron_matmul);
   m.impl("precondition_eigen", &kfac::cpu::precondition_eigen);
+  m.impl("eigen_adam", &kfac::cpu::eigen_adam);
 }
