@@ -78,24 +78,14 @@ inline void adam_pass(T* g, T* m, T* v, int64_t n, bool keep, T w1, T w2, T c1, 
 #define KFAC_VECTOR_CLONES
 #endif
 
-KFAC_VECTOR_CLONES void adam_pass_float(float* g, float* m, float* v, int64_t n, bool keep, float w1,
+KFAC_VECTOR_CLONES void adam_pass_vectorized(float* g, float* m, float* v, int64_t n, bool keep, float w1,
                                         float w2, float c1, float c2, float eps) {
   adam_pass(g, m, v, n, keep, w1, w2, c1, c2, eps);
 }
 
-KFAC_VECTOR_CLONES void adam_pass_double(double* g, double* m, double* v, int64_t n, bool keep,
+KFAC_VECTOR_CLONES void adam_pass_vectorized(double* g, double* m, double* v, int64_t n, bool keep,
                                          double w1, double w2, double c1, double c2, double eps) {
   adam_pass(g, m, v, n, keep, w1, w2, c1, c2, eps);
-}
-
-inline void adam_pass_any(float* g, float* m, float* v, int64_t n, bool keep, float w1, float w2,
-                          float c1, float c2, float eps) {
-  adam_pass_float(g, m, v, n, keep, w1, w2, c1, c2, eps);
-}
-
-inline void adam_pass_any(double* g, double* m, double* v, int64_t n, bool keep, double w1,
-                          double w2, double c1, double c2, double eps) {
-  adam_pass_double(g, m, v, n, keep, w1, w2, c1, c2, eps);
 }
 
 // One Adam step of a layer in its eigenbasis: where keep, exp_avg and exp_avg_sq move toward g
@@ -114,9 +104,9 @@ void adam_in_eigenbasis(const at::Tensor& rotated, const at::Tensor& exp_avg,
     scalar_t* g = rotated.data_ptr<scalar_t>();
     scalar_t* m = exp_avg.data_ptr<scalar_t>();
     scalar_t* v = exp_avg_sq.data_ptr<scalar_t>();
+    const auto epsilon = static_cast<scalar_t>(eps);
     at::parallel_for(0, rotated.numel(), 16384, [&](int64_t begin, int64_t end) {
-      adam_pass_any(g + begin, m + begin, v + begin, end - begin, keep, w1, w2, c1, c2,
-                    static_cast<scalar_t>(eps));
+      adam_pass_vectorized(g + begin, m + begin, v + begin, end - begin, keep, w1, w2, c1, c2, epsilon);
     });
   });
 }
