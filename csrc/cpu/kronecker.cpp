@@ -71,10 +71,14 @@ inline void adam_pass(T* g, T* m, T* v, int64_t n, bool keep, T w1, T w2, T c1, 
 }
 
 // One clone per instruction set, picked when the library loads: the build targets the baseline
-// x86-64, which has no 8- or 16-wide float arithmetic.
-#if defined(__x86_64__) && defined(__GNUC__)
+// x86-64, which has no 8- or 16-wide float arithmetic. Compilers without target_clones (or other
+// CPUs) get the one baseline version.
+#if defined(__x86_64__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
 #define KFAC_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
+#endif
+#endif
+#ifndef KFAC_VECTOR_CLONES
 #define KFAC_VECTOR_CLONES
 #endif
 
