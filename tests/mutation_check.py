@@ -248,8 +248,9 @@ MUTATIONS = [
     _m("micro-batch-average-dropped", "curvature.py",
        "g_steps = [(stats.g_sum[b.name], 1.0 / stats.forwards) for b in have]",
        "g_steps = [(stats.g_sum[b.name], 1.0) for b in have]",
-       [f"{T_LAYERS}::test_accumulation_equals_one_big_batch", f"{T_OPT}::test_grad_accumulation_matches_concatenated_batch"],
-       "G summed over the micro-batches of a step instead of averaged"),
+       [f"{T_LAYERS}::test_undeclared_micro_batches_average_like_one_big_batch"],
+       "G summed over the micro-batches of a step instead of averaged (accumulation not declared: "
+       "declared, each micro-batch is folded with weight (1-rho)/k instead)"),
     _m("reduce-sums-activations", "layers/linear.py",
        "return positions_rows(_as_examples(x), self.approx, Tensor.mean)",
        "return positions_rows(_as_examples(x), self.approx, Tensor.sum)",

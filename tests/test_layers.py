@@ -620,6 +620,25 @@ def test_accumulation_equals_one_big_batch(fisher_type):
         torch.testing.assert_close(g, expected[name][1], rtol=1e-12, atol=1e-14)
 
 
+def test_undeclared_micro_batches_average_like_one_big_batch():
+    """Micro-batches the preconditioner was not told about (grad_accumulation_steps left at 1,
+    three forwards and backwards before step()): nothing is folded, the sums are held to step(),
+    each forward counts as one micro-batch, and G is their mean. Under type-2 (its G does not
+    depend on the loss's 1/k) the step's factors still equal those of the concatenated batch."""
+    torch.manual_seed(19)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x, y = torch.randn(12, 3, dtype=F64), torch.randint(0, 2, (12,))
+    expected = type2_factors_of_one_batch(model, x, y, "type-2")
+    precond = KFACPreconditioner(model, "cross_entropy", fisher_type="type-2", factor_dtype=F64)
+    for chunk_x, chunk_y in zip(x.chunk(3), y.chunk(3)):
+        (F.cross_entropy(model(chunk_x), chunk_y) / 3).backward()
+    assert precond.capture.statistics.forwards == 3 and precond.capture.statistics.folded_forwards == 0
+    precond.step()
+    for name, (a, g) in precond.factors().items():
+        torch.testing.assert_close(a, expected[name][0], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(g, expected[name][1], rtol=1e-12, atol=1e-14)
+
+
 def _accumulated_step(precond, model, chunks, k):
     model.zero_grad()
     for chunk_x, chunk_y in chunks:
