@@ -37,7 +37,9 @@ MODES = {
     "pure-PyTorch K-FAC + AdamW": "kfac_torch.HookKFAC (empirical factors reduced in each layer's hooks) into "
                                   "torch.optim.AdamW: the same optimizer state as KFAC's eigenbasis Adam",
     "KFACPreconditioner (mc) + SGD": "KFACPreconditioner(model, 'cross_entropy') + SGD: Monte Carlo factors, sampled backward",
-    "pure-PyTorch K-FAC + SGD": "kfac_torch.HookKFAC + SGD: the baseline of the row above",
+    "pure-PyTorch K-FAC + SGD": "kfac_torch.HookKFAC + SGD: empirical factors",
+    "pure-PyTorch K-FAC (mc) + SGD": "kfac_torch.HookKFAC(fisher='mc') + SGD: Monte Carlo factors from a sampled "
+                                     "backward (torch.autograd.grad, graph retained), the baseline of the mc row",
 }
 MEASURES = ("live", "rss")
 
@@ -67,7 +69,7 @@ def one_run(args) -> dict:
     elif args.mode.startswith("KFACPreconditioner"):
         precond = kfac_ext.KFACPreconditioner(model, "cross_entropy", grad_accumulation_steps=args.k)
     elif args.mode.startswith("pure-PyTorch"):
-        precond = HookKFAC(model)
+        precond = HookKFAC(model, fisher="mc" if "(mc)" in args.mode else "empirical")
     if args.mode.endswith("SGD"):
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     elif args.mode.endswith("AdamW"):
@@ -80,7 +82,10 @@ def one_run(args) -> dict:
         for _ in range(3):
             opt.zero_grad()
             for x, y in data:
-                (F.cross_entropy(model(x), y) / args.k).backward()
+                out = model(x)
+                if isinstance(precond, HookKFAC) and precond.fisher == "mc":
+                    precond.sampled_backward(out)
+                (F.cross_entropy(out, y) / args.k).backward()
             if precond is not None:
                 precond.step()
             opt.step()

@@ -3,8 +3,11 @@
 reduced inside its own hooks as they fire (``ā āᵀ`` in the forward hook, ``g gᵀ`` in a
 tensor hook on its output), so no activation or gradient rows are kept; every ``inv_update_steps`` the
 factors are eigendecomposed; the gradient is preconditioned in the eigenbasis and handed to the
-user's optimizer. Empirical Fisher (the loss's own output gradients), Tikhonov damping on the
-Kronecker eigenvalues, a running average of the factors.
+user's optimizer. Empirical Fisher (the loss's own output gradients) or, with ``fisher="mc"``,
+the Monte Carlo Fisher: :meth:`sampled_backward` runs a backward of the loss on labels sampled
+from the model's own predictions (``torch.autograd.grad`` to the weights, graph retained for the
+training backward, no ``.grad`` written), and only that backward's output gradients enter G.
+Tikhonov damping on the Kronecker eigenvalues, a running average of the factors.
 
 The baseline of the memory benchmark (``bench_memory.py``): what a careful user writes without
 native ops. Not part of the package; the tests' references live in ``kfac_ext.reference``.
@@ -13,13 +16,15 @@ native ops. Not part of the package; the tests' references live in ``kfac_ext.re
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
 class HookKFAC:
     def __init__(self, model: nn.Module, *, damping: float = 1e-3, factor_decay: float = 0.95,
-                 inv_update_steps: int = 10):
+                 inv_update_steps: int = 10, fisher: str = "empirical"):
         self.damping, self.decay, self.inv_update_steps = damping, factor_decay, inv_update_steps
+        self.fisher, self._sampling = fisher, False
         self.layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
         self.factors: dict[nn.Linear, list[Tensor | None]] = {m: [None, None] for m in self.layers}
         self.eigen: dict[nn.Linear, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
@@ -51,9 +56,23 @@ class HookKFAC:
 
     @torch.no_grad()
     def _save_g(self, m: nn.Linear, grad: Tensor) -> None:
+        if (self.fisher == "mc") != self._sampling:  # mc: only the sampled backward's gradients
+            return
         g = grad.reshape(-1, m.out_features).float()
         batch = grad.shape[0]  # G = (1/B) Σ (B g)(B g)ᵀ: the loss's mean over the batch undone
         self._running_average(m, 1, (g.T @ g) * batch)
+
+    def sampled_backward(self, logits: Tensor) -> None:
+        """``fisher="mc"``: before the training backward, a backward of the cross-entropy on labels
+        drawn from ``softmax(logits)``, which feeds G; the graph is kept for the training backward."""
+        with torch.no_grad():
+            probs = logits.detach().float().softmax(-1).reshape(-1, logits.shape[-1])
+            labels = torch.multinomial(probs, 1).view(logits.shape[:-1])
+        self._sampling = True
+        try:
+            torch.autograd.grad(F.cross_entropy(logits, labels), [m.weight for m in self.layers], retain_graph=True)
+        finally:
+            self._sampling = False
 
     @torch.no_grad()
     def step(self) -> None:
