@@ -134,17 +134,21 @@ class EigenbasisAdam:
     def __call__(self, blocks: list[Block], grads: list[Tensor], finite: Tensor) -> list[Tensor]:
         """The directions of ``blocks``; where ``finite`` is False no state changes (and the
         preconditioner, which masks every rule's directions, writes zeros). All blocks go
-        through one native call (:func:`kfac_ext.ops.eigen_adam_`, per gradient and basis
-        dtype): on small models the per-op cost of a Python loop of rotations and moment
-        updates, not their arithmetic, would set a step's time."""
+        through one native call (:func:`kfac_ext.ops.eigen_adam_`) per gradient dtype, basis
+        dtype and device (a model split over devices): on small models the per-op cost of a
+        Python loop of rotations and moment updates, not their arithmetic, would set a step's
+        time."""
         directions: list[Tensor | None] = [None] * len(blocks)
-        by_dtype = group_by(range(len(blocks)), lambda i: (grads[i].dtype, self._basis_dtype(blocks[i])))
-        for members in by_dtype.values():
+        by_kind = group_by(range(len(blocks)),
+                           lambda i: (grads[i].dtype, self._basis_dtype(blocks[i]), grads[i].device))
+        for members in by_kind.values():
             states = [self._state_in_current_basis(blocks[i], grads[i]) for i in members]
+            device = grads[members[0]].device
+            keep = finite if finite.device == device else finite.to(device)
             out = self.inverses.ops.eigen_adam_(
                 [s["q_g"] for s in states], [grads[i].contiguous() for i in members], [s["q_a"] for s in states],
                 [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
-                finite, *self.betas, self.eps)
+                keep, *self.betas, self.eps)
             for i, d in zip(members, out):
                 directions[i] = d
         return directions
