@@ -2,7 +2,6 @@
 
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/matmul.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/pow.h>
 #include <ATen/ops/where.h>
@@ -192,19 +191,13 @@ void divide_by_damped_eigenvalues_aten(const at::Tensor& rotated, const at::Tens
   rotated.div_(at::mul(g_eigenvalues.unsqueeze(-1), a_eigenvalues.unsqueeze(-2)).add_(damping));
 }
 
-at::Tensor from_eigenbasis(const at::Tensor& g_eigenvectors, const at::Tensor& rotated,
-                           const std::optional<at::Tensor>& a_eigenvectors, at::ScalarType out_dtype) {
-  const at::Tensor right = a_eigenvectors ? at::matmul(rotated, a_eigenvectors->mT()) : rotated;
-  return at::matmul(g_eigenvectors, right).to(out_dtype);
-}
-
-void from_eigenbasis_into(at::Tensor out, const at::Tensor& g_eigenvectors, const at::Tensor& rotated,
-                          const std::optional<at::Tensor>& a_eigenvectors) {
+void from_eigenbasis(at::Tensor out, const at::Tensor& g_eigenvectors, const at::Tensor& rotated,
+                     const std::optional<at::Tensor>& a_eigenvectors) {
   const at::Tensor right = a_eigenvectors ? at::matmul(rotated, a_eigenvectors->mT()) : rotated;
   if (out.scalar_type() == g_eigenvectors.scalar_type()) {
-    at::mm_out(out, g_eigenvectors, right);
+    at::matmul_out(out, g_eigenvectors, right);
   } else {
-    out.copy_(at::mm(g_eigenvectors, right));
+    out.copy_(at::matmul(g_eigenvectors, right));
   }
 }
 

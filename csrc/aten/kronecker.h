@@ -40,13 +40,10 @@ at::Tensor to_eigenbasis(const at::Tensor& g_eigenvectors, const at::Tensor& gra
 void divide_by_damped_eigenvalues_aten(const at::Tensor& rotated, const at::Tensor& g_eigenvalues,
                                        const at::Tensor& a_eigenvalues, double damping);
 
-// Q_G rotated Q_A^T (without Q_A: Q_G rotated), returned in out_dtype.
-at::Tensor from_eigenbasis(const at::Tensor& g_eigenvectors, const at::Tensor& rotated,
-                           const std::optional<at::Tensor>& a_eigenvectors, at::ScalarType out_dtype);
-
-// The same, written into out (2-D; its dtype may differ from the eigenvectors').
-void from_eigenbasis_into(at::Tensor out, const at::Tensor& g_eigenvectors, const at::Tensor& rotated,
-                          const std::optional<at::Tensor>& a_eigenvectors);
+// out <- Q_G rotated Q_A^T (without Q_A: Q_G rotated); out's dtype may differ from the
+// eigenvectors' (the result is cast into it).
+void from_eigenbasis(at::Tensor out, const at::Tensor& g_eigenvectors, const at::Tensor& rotated,
+                     const std::optional<at::Tensor>& a_eigenvectors);
 
 // eigen_adam's moment update and normalized step of one layer through ATen (any device; the
 // flag stays on the device): where keep, exp_avg, exp_avg_sq and step advance; returns

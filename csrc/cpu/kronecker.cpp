@@ -137,8 +137,8 @@ std::vector<at::Tensor> precondition_eigen(at::TensorList g_eigenvectors,
   for_each_layer(grads.size(), 2 * largest_layer_flops(grads), [&](size_t i) {
     const at::Tensor rotated = to_eigenbasis(g_eigenvectors[i], grads[i], a_eigenvectors[i]);
     divide_by_damped_eigenvalues(rotated, g_eigenvalues[i], a_eigenvalues[i], damping[i]);
-    out[i] = from_eigenbasis(g_eigenvectors[i], rotated, a_eigenvectors[i],
-                             grads[i].scalar_type());
+    out[i] = at::empty_like(grads[i]);
+    from_eigenbasis(out[i], g_eigenvectors[i], rotated, a_eigenvectors[i]);
   });
   return out;
 }
@@ -154,7 +154,7 @@ void eigen_adam(at::TensorList g_eigenvectors, at::TensorList grads,
     const std::optional<at::Tensor> q_a = a_eigenvectors.get(i);
     const at::Tensor rotated = to_eigenbasis(g_eigenvectors[i], grads[i], q_a);
     adam_in_eigenbasis(rotated, exp_avgs[i], exp_avg_sqs[i], steps[i], keep_step, beta1, beta2, eps);
-    from_eigenbasis_into(directions[i], g_eigenvectors[i], rotated, q_a);
+    from_eigenbasis(directions[i], g_eigenvectors[i], rotated, q_a);
   });
 }
 

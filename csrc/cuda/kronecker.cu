@@ -4,6 +4,7 @@
 // custom kernel and no per-call table upload: nothing here synchronizes or copies host to
 // device, so the ops can be captured in a CUDA graph.
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -34,8 +35,8 @@ std::vector<at::Tensor> precondition_eigen(at::TensorList g_eigenvectors,
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor rotated = to_eigenbasis(g_eigenvectors[i], grads[i], a_eigenvectors[i]);
     divide_by_damped_eigenvalues_aten(rotated, g_eigenvalues[i], a_eigenvalues[i], damping[i]);
-    out.push_back(from_eigenbasis(g_eigenvectors[i], rotated, a_eigenvectors[i],
-                                  grads[i].scalar_type()));
+    out.push_back(at::empty_like(grads[i]));
+    from_eigenbasis(out.back(), g_eigenvectors[i], rotated, a_eigenvectors[i]);
   }
   return out;
 }
@@ -52,7 +53,7 @@ void eigen_adam(at::TensorList g_eigenvectors, at::TensorList grads,
     const at::Tensor rotated = to_eigenbasis(g_eigenvectors[i], grads[i], q_a);
     const at::Tensor step = adam_in_eigenbasis_aten(rotated, exp_avgs[i], exp_avg_sqs[i], steps[i],
                                                     keep, beta1, beta2, eps);
-    from_eigenbasis_into(directions[i], g_eigenvectors[i], step, q_a);
+    from_eigenbasis(directions[i], g_eigenvectors[i], step, q_a);
   }
 }
 
