@@ -19,11 +19,14 @@ Every forward in train mode, with grad enabled, outside :meth:`Capture.pause`, d
 factor-update step counts as one micro-batch. Each micro-batch's activations are reduced to
 per-block sums when the next one starts (or at ``step()``), so gradient accumulation holds one
 micro-batch of activations, not ``k`` (they are the layers' saved inputs: autograd holds them
-through the backward anyway); with ``grad_accumulation_steps > 1`` the sums go straight into the
-factors (:meth:`~kfac_ext.curvature.Curvature.fold`), so no factor-sized sums are held either. Output-gradient rows, which autograd would free as the backward
-moves on, are reduced as soon as :data:`HELD_GRADIENT_BYTES` of them are pending, and the sampled
-backward's rest as it ends. With ``grad_accumulation_steps=k`` the micro-batch losses are assumed
-divided by ``k`` (the usual recipe; it matters for "empirical").
+through the backward anyway), and the sums go straight into the factors
+(:meth:`~kfac_ext.curvature.Curvature.fold`), so no factor-sized sums are held either.
+Output-gradient rows, which autograd would free as the backward moves on, are reduced as soon as
+:data:`HELD_GRADIENT_BYTES` of them are pending, and the sampled backward's rest as it ends; a
+sampled backward's sums go into G as they are reduced (in one process; with several ranks, which
+fold in step, as it ends), so they are not held through the user's backward. With
+``grad_accumulation_steps=k`` the micro-batch losses are assumed divided by ``k`` (the usual
+recipe; it matters for "empirical").
 
 The output gradients come from one of three Fisher types (:data:`FISHER_TYPES`): targets sampled
 from the model (``"mc"``) or the loss Hessian's square root (``"type-2"``), both through a
@@ -50,7 +53,7 @@ from .util import warn_once
 
 #: the most bytes of output-gradient rows held before they are reduced: small layers' rows are
 #: still reduced together (one native call), and a large model's backward never holds all of them
-HELD_GRADIENT_BYTES = 16 * 2**20
+HELD_GRADIENT_BYTES = 4 * 2**20
 
 # ---- the Fisher types ------------------------------------------------------------------------
 
@@ -186,16 +189,18 @@ class Capture:
     :class:`Statistics`. ``factor_step()`` says whether the current step updates factors;
     ``ops`` reduces rows to sums; ``generator`` draws Monte Carlo targets; ``counters`` and
     ``warned`` are the preconditioner's; ``on_forward()`` runs as every forward that is not
-    paused begins; ``fold(statistics)``, when given, takes the step's sums as each captured
-    micro-batch after the first begins (into the factors)."""
+    paused begins; ``fold(statistics, kinds)`` takes the step's sums of those kinds into the
+    factors: both as a captured micro-batch begins while sums are held (the micro-batches before
+    it), G as each sampled backward ends — or, with ``fold_gradient_parts`` (one process: no
+    rank has to fold in step with the others), at every reduction in it."""
 
     def __init__(self, model: nn.Module, blocks: list[Block], installs, settings: CaptureSettings, *,
                  factor_step: Callable[[], bool], ops, generator: torch.Generator, counters: dict,
-                 warned: set[str], on_forward: Callable[[], None] | None = None,
-                 fold: Callable[[Statistics], None] | None = None):
+                 warned: set[str], fold: Callable[[Statistics, tuple[str, ...]], None],
+                 fold_gradient_parts: bool = False, on_forward: Callable[[], None] | None = None):
         self.model, self.blocks, self.settings = model, blocks, settings
         self._by_name = {b.name: b for b in blocks}
-        self._on_forward, self._fold = on_forward, fold
+        self._on_forward, self._fold, self._fold_gradient_parts = on_forward, fold, fold_gradient_parts
         self.fisher = settings.fisher
         self._factor_step, self.ops, self._generator = factor_step, ops, generator
         self._counters, self._warned = counters, warned
@@ -259,13 +264,11 @@ class Capture:
             self._on_forward()
         if not self._capturing():
             return
-        if self.settings.grad_scaler is not None and self.statistics.forwards >= self.settings.grad_accumulation_steps:
-            # A full step's micro-batches and no step(): the scaler skipped it (an overflow).
-            self._counters["discarded_micro_batches"] += self.statistics.forwards - self.statistics.folded_forwards
-            self.clear()
         self.flush()
-        if self._fold is not None and self.statistics.forwards > self.statistics.folded_forwards:
-            self._fold(self.statistics)  # the micro-batches so far, into the factors: no sums held
+        if self.statistics.holds_sums():
+            # The micro-batches so far, into the factors, so that no sums are held through this
+            # one: under gradient accumulation, or after a step a grad scaler skipped.
+            self._fold(self.statistics, ("a", "g"))
 
     def record(self, pairs: list[tuple[Block, slice | None]], x: Tensor, output: Tensor, layout=None) -> None:
         """Capture callback of the layer kinds: ``x`` went into ``pairs``' blocks, ``output`` came out."""
@@ -345,8 +348,9 @@ class Capture:
                 torch.autograd.grad(logits, inputs, grad_outputs=v, retain_graph=True, allow_unused=True)
         finally:
             self._g_weight = None
-        if self.held_gradient_bytes is not None:  # not held through the user's backward
+        if self.held_gradient_bytes is not None:  # neither rows nor sums held through the user's backward
             self._reduce_gradients()
+            self._fold(self.statistics, ("g",))
 
     def _warn_batch_shared(self) -> None:
         """Blocks whose output had one row in a forward where other blocks' had ``N > 1`` (GPT-2's
@@ -388,6 +392,8 @@ class Capture:
         self.pending_g, self._pending_g_bytes = {}, 0
         self._set_phase()
         self.statistics.add_gradients(g_items, self.ops, self.settings.factor_dtype)
+        if self._g_weight is not None and self._fold_gradient_parts:  # in a sampled backward
+            self._fold(self.statistics, ("g",))
 
     def _set_phase(self) -> None:
         # the strided row subset moves on with every micro-batch (and resumes from a checkpoint)

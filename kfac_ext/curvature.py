@@ -48,10 +48,11 @@ class Curvature:
     def update(self, blocks: list[Block], stats: Statistics, grads_finite: Tensor, decay: Callable[[], float],
                topology: Local, counters: dict) -> bool | None:
         """``F ← ρ F + (1-ρ) F_step`` for every block with statistics, then the mean over the
-        ranks. Returns False iff the gradients were not finite (nothing is updated), None when
-        no block captured anything (gradients finite), else True (also when the statistics were
-        not finite: that update is skipped and counted). The gradients' and the statistics' finite
-        flags are read back together: one synchronization per factor step. After :meth:`fold`,
+        ranks, if the statistics are finite (else that update is skipped and counted) — whether
+        or not the gradients are: they decide whether parameters move, not what the model's
+        curvature was. Returns whether the gradients were finite, or None when no block captured
+        anything (gradients finite). The gradients' and the statistics' finite flags are read
+        back together: one synchronization per factor step. After :meth:`fold`,
         :meth:`_finish_folding` instead."""
         if self._folded is not None:
             return self._finish_folding(blocks, stats, grads_finite, topology, counters)
@@ -62,14 +63,12 @@ class Curvature:
         # This step's A = Σāāᵀ / rows and G = Σ w g gᵀ / forwards: the sums with their weights,
         # so the moving average scales each sum once (no separate division pass).
         a_steps = [(stats.a_sum[b.name], 1.0 / stats.a_rows[b.name]) for b in have]
-        g_steps = [(stats.g_sum[b.name], 1.0 / stats.forwards) for b in have]
+        g_steps = [(stats.g_sum[b.name], 1.0 / stats.covered["g"][b.name]) for b in have]
         stats_finite = topology.agree(all_finite([t for t, _ in a_steps + g_steps]))
         grads_ok, stats_ok = torch.stack([grads_finite, stats_finite]).tolist()
-        if not grads_ok:
-            return False
         if not stats_ok:
             counters["skipped_factor_updates"] += 1
-            return True
+            return grads_ok
         rho = decay()
         for block, a, g in zip(have, a_steps, g_steps):
             for store, (total, weight) in ((self.a, a), (self.g, g)):
@@ -79,30 +78,31 @@ class Curvature:
                     store[block.name] = total * weight
         topology.average([self.a[b.name] for b in have] + [self.g[b.name] for b in have])
         counters["factor_updates"] += 1
-        return True
+        return grads_ok
 
-    def fold(self, blocks: list[Block], stats: Statistics, rho: float, k: int) -> None:
-        """Moves the step's micro-batches reduced so far into the factors now, so that gradient
-        accumulation holds no factor-sized sums beside the factors. A block's first fold in a
-        step scales its factor by ``ρ`` (a factor this step creates starts at 0); each micro-batch
-        then adds ``(1-ρ)/k`` times its ``Σāāᵀ / rows`` and ``Σ w g gᵀ`` if its statistics are
-        finite (decided on the device: no synchronization). :meth:`update` divides by the weight
-        this adds up to, ``ρ + (1-ρ) m/k`` for the ``m`` finite micro-batches that ran the block:
-        with all ``k`` finite and as many rows each, the factors of one step on their
-        concatenation."""
-        a_sum, a_rows, g_sum, forwards = stats.take_sums()
-        have = [b for b in blocks if b.name in a_sum and b.name in g_sum]
-        if not have or forwards <= 0:
+    def fold(self, blocks: list[Block], stats: Statistics, rho: float, k: int, topology: Local,
+             kinds: tuple[str, ...] = ("a", "g")) -> None:
+        """Moves the step's sums of ``kinds`` reduced so far into the factors, so that no
+        factor-sized sums are held beside them (through the next micro-batch, or through the
+        rest of a sampled backward and the user's). A fold's sums go in only if all are finite
+        on every rank (one device flag: no synchronization), each micro-batch's mean at weight
+        ``(1-ρ)/k``, added to the old factor kept as ``F/ρ`` (a factor this step creates starts
+        empty). :meth:`update` then scales each factor to the weight it gathered, ``ρ + (1-ρ)
+        m/k`` for ``m`` finite micro-batches: with all ``k`` finite and as many rows each, the
+        factors of one step on their concatenation; with none, the old factor bit for bit."""
+        taken = [(kind, *stats.take(kind)) for kind in kinds]
+        folding = [t for _, sums, _, _ in taken for t in sums.values()]
+        if not folding:
             return
         folded = self._folded = self._folded or Folded(rho, k)
-        folded.flags.append(all_finite([t for b in have for t in (a_sum[b.name], g_sum[b.name])]))
-        weight = (1 - rho) / k
-        for block in have:
-            folded.add(block.name, forwards, self.a, self.g)
-            a = (a_sum[block.name], weight * forwards / a_rows[block.name])
-            g = (g_sum[block.name], weight)
-            for store, (total, scale) in ((self.a, a), (self.g, g)):
-                masked = torch.where(folded.flags[-1], total, 0.0)
+        folded.flags.append(topology.agree(all_finite(folding)))  # one flag: these sums go in together or not
+        for kind, sums, rows, covered in taken:
+            store = self.a if kind == "a" else self.g
+            for block in [b for b in blocks if b.name in sums]:
+                forwards = covered.get(block.name, 0)  # 0: the rest of a forward already folded in part
+                unit = folded.add(kind, block.name, forwards, store)
+                scale = (1 - rho) / k / unit * (forwards / rows[block.name] if rows is not None else 1.0)
+                masked = torch.where(folded.flags[-1], sums[block.name], 0.0)
                 if block.name in store:
                     store[block.name].add_(masked, alpha=scale)
                 else:
@@ -110,29 +110,25 @@ class Curvature:
 
     def _finish_folding(self, blocks: list[Block], stats: Statistics, grads_finite: Tensor, topology: Local,
                         counters: dict) -> bool:
-        """:meth:`update` after :meth:`fold`: the last micro-batch folded too, every folded factor
-        divided by the weight its finite micro-batches add up to, and averaged over the ranks —
-        also when the gradients are not finite (then the step is skipped, but the finite
-        micro-batches' statistics stay in the factors). One synchronization, as in update()."""
-        self.fold(blocks, stats, self._folded.rho, self._folded.k)
+        """:meth:`update` after :meth:`fold`: the rest of the step's sums folded too, every folded
+        factor scaled to the weight its finite micro-batches gathered, and averaged over the
+        ranks (whether or not the gradients are finite, as in update()). A block left with one
+        factor of the pair, or with a new factor no finite micro-batch fed, has none. One
+        synchronization, as in update()."""
+        self.fold(blocks, stats, self._folded.rho, self._folded.k, topology)
         folded, self._folded = self._folded, None
-        topology.require_every_block([b.name for b in blocks if b.name not in folded.folds])
+        topology.require_every_block([b.name for b in blocks if not folded.has_pair(b.name)])
         grads_ok, *finite = torch.stack([grads_finite, *folded.flags]).tolist()
-        for name, folds in folded.folds.items():
-            finite_forwards = sum(forwards for i, forwards in folds if finite[i])
-            total = folded.old_weight[name] + (1 - folded.rho) * finite_forwards / folded.k
-            if total == 0:  # created this step, and no finite micro-batch ran it: no factor yet
-                del self.a[name], self.g[name]
-            elif total != 1:
-                self.a[name].div_(total)
-                self.g[name].div_(total)
-        names = [name for name in folded.folds if name in self.a]
+        names = []
+        for name in folded.names():
+            if all([folded.settle(kind, name, store, finite) for kind, store in (("a", self.a), ("g", self.g))]):
+                names.append(name)
+            else:
+                self.a.pop(name, None), self.g.pop(name, None)
         topology.average([self.a[name] for name in names] + [self.g[name] for name in names])
         counters["factor_updates"] += any(finite)  # statistics went in
-        if not grads_ok:
-            return False  # the caller counts the skipped step
         counters["skipped_factor_updates"] += not all(finite)
-        return True
+        return grads_ok
 
     def damped(self, blocks: list[Block], gamma: float, mode: str, dtype: torch.dtype
                ) -> tuple[list[Tensor], list[float]]:
@@ -160,23 +156,56 @@ def _trace(factor: Tensor) -> Tensor:
 
 
 class Folded:
-    """A step's micro-batches already in the factors (:meth:`Curvature.fold`): ``ρ``, ``k``,
-    one device flag per fold ("its statistics were finite"); per block, the weight its old
-    factor kept (``ρ``, or 0 for a factor this step created) and its folds as ``(flag index,
+    """A step's statistics already in the factors (:meth:`Curvature.fold`): ``ρ``, ``k``, one
+    device flag per fold ("its sums were finite"); per factor ``(kind, block name)``: the weight
+    its old factor keeps (``ρ``, or 0 for a factor this step creates or with ``ρ = 0``), the old
+    factor itself where it was set aside (``ρ = 0``), and its folds as ``(flag index,
     forwards)``."""
 
     def __init__(self, rho: float, k: int):
         self.rho, self.k = rho, k
         self.flags: list[Tensor] = []
-        self.old_weight: dict[str, float] = {}
-        self.folds: dict[str, list[tuple[int, int]]] = {}
+        self.old_weight: dict[tuple[str, str], float] = {}
+        self.set_aside: dict[tuple[str, str], Tensor] = {}
+        self.folds: dict[tuple[str, str], list[tuple[int, int]]] = {}
 
-    def add(self, name: str, forwards: int, a: dict[str, Tensor], g: dict[str, Tensor]) -> None:
-        """Records the current fold for block ``name``; on its first, scales its factors by ``ρ``."""
-        if name not in self.folds:
-            self.folds[name] = []
-            self.old_weight[name] = self.rho if name in a else 0.0
-            if name in a:
-                a[name].mul_(self.rho)
-                g[name].mul_(self.rho)
-        self.folds[name].append((len(self.flags) - 1, forwards))
+    def add(self, kind: str, name: str, forwards: int, store: dict[str, Tensor]) -> float:
+        """Records the current fold into factor ``store[name]`` and returns the factor's unit:
+        it holds its weighted average times ``1/unit`` until :meth:`settle` — ``ρ`` when the old
+        factor is kept (it stays as it is), else a micro-batch's weight ``(1-ρ)/k`` (then one
+        micro-batch's mean is held exactly; an old factor is set aside on the first fold)."""
+        key = (kind, name)
+        if key not in self.folds:
+            self.folds[key] = []
+            self.old_weight[key] = self.rho if name in store and self.rho > 0 else 0.0
+            if name in store and not self.old_weight[key]:
+                self.set_aside[key] = store.pop(name)
+        self.folds[key].append((len(self.flags) - 1, forwards))
+        return self._unit(key)
+
+    def _unit(self, key: tuple[str, str]) -> float:
+        return self.old_weight[key] or (1 - self.rho) / self.k or 1.0
+
+    def names(self) -> list[str]:
+        return list(dict.fromkeys(name for _, name in self.folds))
+
+    def has_pair(self, name: str) -> bool:
+        return ("a", name) in self.folds and ("g", name) in self.folds
+
+    def settle(self, kind: str, name: str, store: dict[str, Tensor], finite: list[bool]) -> bool:
+        """Scales factor ``store[name]`` to its weighted average (unit / the weight it gathered),
+        or puts back the factor set aside if no finite fold fed it; False if it has no factor."""
+        key = (kind, name)
+        if key not in self.folds:
+            return name in store
+        gathered = (1 - self.rho) * sum(forwards for i, forwards in self.folds[key] if finite[i]) / self.k
+        total = self.old_weight[key] + gathered
+        if total == 0:
+            store.pop(name, None)
+            if key in self.set_aside:
+                store[name] = self.set_aside[key]
+            return name in store
+        scale = self._unit(key) / total
+        if scale != 1.0:
+            store[name].mul_(scale)
+        return True

@@ -32,7 +32,7 @@ from .util import Counters, Schedule, flush_denormals, value, warn, warn_once
 __all__ = ["KFACPreconditioner", "default_output_fn", "default_loss_mask"]
 
 COUNTERS = ("factor_updates", "inverse_updates", "skipped_factor_updates", "nonfinite_grad_steps",
-            "failed_inversions", "fp64_retries", "kl_clip_scale", "discarded_micro_batches")
+            "failed_inversions", "fp64_retries", "kl_clip_scale")
 
 
 class KFACPreconditioner:
@@ -93,9 +93,9 @@ class KFACPreconditioner:
             cost falls by ``k``; None (default) takes every row.
         factor_dtype, inv_dtype: float32 or float64 (activations may be bf16/fp16).
         grad_scaler: the ``torch.amp.GradScaler`` scaling your backward: ``"empirical"`` factors
-            are unscaled, overflowing steps are left to it, and a step it skipped (a micro-batch
-            beyond ``grad_accumulation_steps`` arrives before ``step()``) drops its statistics
-            not yet in the factors (with ``k > 1``, the micro-batches before the last are in).
+            are unscaled, overflowing steps are left to it, and the statistics of a step it
+            skipped (its ``step()`` never came) go into the next step's factors, as more
+            micro-batches of it (if finite, as always).
         skip_layers: module types, or regular expressions matched against whole module names,
             to leave to the base optimizer.
         max_factor_dim: blocks with a dense factor side larger than this (a vocabulary-sized
@@ -184,8 +184,8 @@ class KFACPreconditioner:
                                    loss_mask_fn, grad_accumulation_steps, factor_dtype, grad_scaler, factor_rows)
         self.capture = Capture(model, self.blocks, self.registration.installs, settings, factor_step=self._is_factor_step,
                                ops=ops, generator=self.generator, counters=self._stats, warned=self._warned,
-                               on_forward=self._release_raw_gradients,
-                               fold=self._fold_micro_batches if grad_accumulation_steps > 1 else None)
+                               fold=self._fold_statistics, fold_gradient_parts=self.topology.world_size == 1,
+                               on_forward=self._release_raw_gradients)
         #: ``(blocks, grads, finite) -> directions`` in place of the K-FAC direction, or None (the
         #: Adam-in-eigenbasis rule of :class:`~kfac_ext.KFAC` sets one)
         self.direction_rule: Callable[[list[Block], list[Tensor], Tensor], list[Tensor]] | None = None
@@ -202,7 +202,7 @@ class KFACPreconditioner:
     @property
     def stats(self) -> dict[str, Any]:
         """Counters (factor/inverse updates, skipped and non-finite steps, failed inversions,
-        float64 retries, discarded micro-batches) and the last KL-clip scale. Steps keep the
+        float64 retries) and the last KL-clip scale. Steps keep the
         non-finite count and the clip scale on the device, so that they need not synchronize;
         reading ``stats`` brings them to the host."""
         return self._stats.synced()
@@ -242,9 +242,11 @@ class KFACPreconditioner:
 
         Returns a 0-d bool tensor on the blocks' device: False when the gradients were not finite.
         Then the blocks' gradients are zeroed (never NaN into parameters) — or, with a
-        ``grad_scaler``, left for the scaler to see — the step's statistics are dropped, and the
-        step is counted in ``stats``. A step that updates no factors and no inverses decides all
-        of this on the device and never synchronizes with it; reading the flag does.
+        ``grad_scaler``, left for the scaler to see — and the step is counted in ``stats``. The
+        step's statistics go into the factors if they are finite, whether or not the gradients
+        are (they say what the curvature was, not whether this step's update can be trusted). A
+        step that updates no factors and no inverses decides all of this on the device and never
+        synchronizes with it; reading the flag does.
         """
         ran = [b for b in self.blocks if b.weight.grad is not None]
         if not ran:
@@ -269,8 +271,8 @@ class KFACPreconditioner:
     # inspect one phase (e.g. update_inverses() right after load_state_dict).
 
     def update_curvature(self, grads_finite: Tensor) -> bool:
-        """The moving averages from this step's captured statistics; False iff the gradients
-        were not finite (then nothing is updated, but for micro-batches already folded in)."""
+        """The moving averages from this step's captured statistics (those that are finite);
+        False iff the gradients were not finite."""
         done = self.curvature.update(self.blocks, self.capture.collect(), grads_finite,
                                      lambda: float(value(self.factor_decay, self.steps)), self.topology, self._stats)
         if done is False:  # known on the host already: this step's gradients are not finite
@@ -280,8 +282,9 @@ class KFACPreconditioner:
             return True
         return done
 
-    def _fold_micro_batches(self, stats: Statistics) -> None:
-        self.curvature.fold(self.blocks, stats, float(value(self.factor_decay, self.steps)), self.grad_accumulation_steps)
+    def _fold_statistics(self, stats: Statistics, kinds: tuple[str, ...]) -> None:
+        self.curvature.fold(self.blocks, stats, float(value(self.factor_decay, self.steps)), self.grad_accumulation_steps,
+                            self.topology, kinds)
 
     def _warn_nonfinite(self, count: int) -> None:
         """Once per run: ``count`` steps so far were skipped for non-finite gradients. Said where
@@ -344,7 +347,6 @@ class KFACPreconditioner:
 
     def _skip_nonfinite_step(self, ran: list[Block], finite: Tensor) -> Tensor:
         self.count_nonfinite(~finite)  # every rank got the same flag: all skip alike
-        self._stats["skipped_factor_updates"] += 1
         if not self._scaled():
             for block in ran:
                 block.mask_grad_(finite)  # finite is False: zeros
@@ -420,7 +422,7 @@ class KFACPreconditioner:
             return t.to(devices[name], copy=True) if isinstance(t, Tensor) else t
 
         self.steps = state["steps"]
-        self.stats = dict(state["stats"])
+        self.stats = {name: state["stats"].get(name, count) for name, count in self.stats.items()}  # not retired ones
         self.curvature.load(state["factors"], move)
         self.inverses.load(state["inverses"], move)
         _load_generator(self.generator, state["generator"])

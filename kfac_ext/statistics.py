@@ -17,26 +17,44 @@ FLUSH_BYTES = 256 * 2**20  # activation rows materialised at once when reducing 
 
 @dataclasses.dataclass
 class Statistics:
-    """A step's reduced micro-batches, per block name: ``Σ ā āᵀ`` and its row count, ``Σ w g gᵀ``;
-    and the number of captured forwards (micro-batches)."""
+    """A step's reduced micro-batches, per block name: ``Σ ā āᵀ`` and its row count, ``Σ w g gᵀ``,
+    and how many forwards each sum covers; and the number of captured forwards (micro-batches)."""
 
     a_sum: dict[str, Tensor] = dataclasses.field(default_factory=dict)
     a_rows: dict[str, int] = dataclasses.field(default_factory=dict)
     g_sum: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    #: per factor kind (``"a"``, ``"g"``) and block: how many forwards its sum covers (a forward's
+    #: output-gradient rows may reach it in parts: they count once)
+    covered: dict[str, dict[str, int]] = dataclasses.field(default_factory=lambda: {"a": {}, "g": {}})
     forwards: int = 0
-    #: how many of the forwards are no longer in the sums (folded into the factors)
-    folded_forwards: int = 0
     #: at most about this many rows of a block's micro-batch enter its sums (None: all of them)
     max_rows: int | None = None
     #: which of the strided subsets :meth:`subsample` takes (advanced by the caller, per reduction)
     phase: int = 0
+    _last_forward: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict, repr=False)
 
-    def take_sums(self) -> tuple[dict[str, Tensor], dict[str, int], dict[str, Tensor], int]:
-        """``a_sum``, ``a_rows``, ``g_sum`` and how many forwards they cover, handed over (the
-        statistics keep counting forwards but hold no sums after this)."""
-        taken = self.a_sum, self.a_rows, self.g_sum, self.forwards - self.folded_forwards
-        self.a_sum, self.a_rows, self.g_sum, self.folded_forwards = {}, {}, {}, self.forwards
+    def holds_sums(self) -> bool:
+        return bool(self.a_sum or self.g_sum)
+
+    def take(self, kind: str) -> tuple[dict[str, Tensor], dict[str, int] | None, dict[str, int]]:
+        """The ``kind`` sums (``"a"``: ``Σ ā āᵀ``, with their row counts; ``"g"``: ``Σ w g gᵀ``,
+        None) and how many forwards each covers, handed over (the statistics keep counting
+        forwards but hold no such sums after this)."""
+        covered, self.covered[kind] = self.covered[kind], {}
+        if kind == "a":
+            taken = self.a_sum, self.a_rows, covered
+            self.a_sum, self.a_rows = {}, {}
+        else:
+            taken = self.g_sum, None, covered
+            self.g_sum = {}
         return taken
+
+    def _add(self, kind: str, name: str, total: Tensor) -> None:
+        store = self.a_sum if kind == "a" else self.g_sum
+        store[name] = store[name] + total if name in store else total
+        if self._last_forward.get((kind, name)) != self.forwards:  # this forward's first part
+            self._last_forward[kind, name] = self.forwards
+            self.covered[kind][name] = self.covered[kind].get(name, 0) + 1
 
     def subsample(self, rows: Tensor) -> tuple[Tensor, float]:
         """Every ``k``-th row from offset ``phase mod k`` (``k = ⌈N / max_rows⌉``) and ``N / n``,
@@ -73,7 +91,7 @@ class Statistics:
                 # index_add_, not bincount: bincount reads the largest index back to the host
                 counts = torch.zeros(block.a_dim, dtype=dtype, device=rows.device)
                 counts.index_add_(0, rows, torch.ones(rows.shape, dtype=dtype, device=rows.device))
-                _accumulate(self.a_sum, block.name, counts)
+                self._add("a", block.name, counts)
             else:
                 dense.append((block, rows))
         sums: dict[str, Tensor] = {}
@@ -82,9 +100,9 @@ class Statistics:
             _sum_outer_products(ops, totals, [r for _, r in batch], [1.0] * len(batch), [b.has_bias for b, _ in batch])
             sums.update((b.name, t) for (b, _), t in zip(batch, totals))
         for block, _ in dense:
-            _accumulate(self.a_sum, block.name, sums[block.name])
+            self._add("a", block.name, sums[block.name])
         for block, first in same_rows:
-            _accumulate(self.a_sum, block.name, sums[first.name])
+            self._add("a", block.name, sums[first.name])
 
     def add_gradients(self, items: list[tuple[Block, list[tuple[Tensor, float | Tensor]]]], ops, dtype: torch.dtype
                       ) -> None:
@@ -96,7 +114,7 @@ class Statistics:
             scales = [1.0 if isinstance(w, Tensor) else w for _, (_, w) in batch]  # the op takes host numbers
             _sum_outer_products(ops, sums, [g for _, (g, _) in batch], scales, [False] * len(batch))
             for (block, (_, w)), total in zip(batch, sums):
-                _accumulate(self.g_sum, block.name, total.mul_(w) if isinstance(w, Tensor) else total)
+                self._add("g", block.name, total.mul_(w) if isinstance(w, Tensor) else total)
 
     def _subsampled(self, rows: Tensor, weight: float | Tensor) -> tuple[Tensor, float | Tensor]:
         rows, scale = self.subsample(rows)
@@ -123,7 +141,3 @@ def _weighted_cat(chunks: list[tuple[Tensor, float | Tensor]]) -> tuple[Tensor, 
             for _, w in chunks]
     rows = [g if keep else g * (w / weight) ** 0.5 for (g, w), keep in zip(chunks, same)]
     return _cat(rows), weight
-
-
-def _accumulate(store: dict[str, Tensor], name: str, value: Tensor) -> None:
-    store[name] = store[name] + value if name in store else value

@@ -156,10 +156,10 @@ MUTATIONS = [
        [f"{T_OPT}::test_grad_accumulation_matches_concatenated_batch", f"{T_LAYERS}::test_accumulation_equals_one_big_batch"],
        "the 1/k of each micro-batch loss undone once instead of squared in g gᵀ"),
     _m("distributed-global-batch-weighting", "curvature.py",
-       "a_steps = [(stats.a_sum[b.name], 1.0 / stats.a_rows[b.name]) for b in have]",
-       "a_steps = [(stats.a_sum[b.name], 1.0 / stats.a_rows[b.name] if topology.world_size == 1 else topology.world_size"
-       " / float(topology.all_sum(torch.tensor(float(stats.a_rows[b.name]), dtype=torch.float64,"
-       " device=topology.device)))) for b in have]",
+       "(forwards / rows[block.name] if rows is not None else 1.0)",
+       "((forwards / rows[block.name] if topology.world_size == 1 else forwards * topology.world_size"
+       " / float(topology.all_sum(torch.tensor(float(rows[block.name]), dtype=torch.float64,"
+       " device=topology.device)))) if rows is not None else 1.0)",
        [f"{T_DIST}::test_unequal_batches_average_each_ranks_own_statistics"],
        "A averaged over the global batch's rows instead of each rank's (documented: the mean of the ranks' "
        "statistics); the same with equal per-rank batches"),
@@ -172,7 +172,12 @@ MUTATIONS = [
        "store[block.name].mul_(rho).add_(total, alpha=(1 - rho) * weight)",
        "store[block.name].mul_(1 - rho).add_(total, alpha=rho * weight)",
        [f"{T_OPT}::test_factor_decay_schedule", f"{T_FACTORS}::test_factor_ema_and_update_period"],
-       "ρ and 1 - ρ exchanged in F ← ρ F + (1-ρ) F_step"),
+       "ρ and 1 - ρ exchanged in F ← ρ F + (1-ρ) F_step (a step's one micro-batch, not folded)"),
+    _m("folded-ema-weights-swapped", "curvature.py",
+       "self.old_weight[key] = self.rho if name in store and self.rho > 0 else 0.0",
+       "self.old_weight[key] = 1 - self.rho if name in store and self.rho > 0 else 0.0",
+       [f"{T_FACTORS}::test_factor_ema_and_update_period"],
+       "the old factor weighed 1 - ρ, not ρ, where the step's statistics were folded in as they came"),
     _m("ones-column-dropped-attention", "layers/attention.py",
        "weight=weight, bias=module.in_proj_bias)",
        "weight=weight, bias=None)",
@@ -245,12 +250,12 @@ MUTATIONS = [
        "g)",
        [f"{T_FAST}::test_steady_state_preconditioner_step_reads_nothing_back"],
        "a step with non-finite gradients passes them through (as with a grad scaler) instead of zeros"),
-    _m("micro-batch-average-dropped", "curvature.py",
-       "g_steps = [(stats.g_sum[b.name], 1.0 / stats.forwards) for b in have]",
-       "g_steps = [(stats.g_sum[b.name], 1.0) for b in have]",
-       [f"{T_LAYERS}::test_undeclared_micro_batches_average_like_one_big_batch"],
-       "G summed over the micro-batches of a step instead of averaged (accumulation not declared: "
-       "declared, each micro-batch is folded with weight (1-rho)/k instead)"),
+    _m("g-parts-counted-as-forwards", "curvature.py",
+       "forwards = covered.get(block.name, 0)",
+       "forwards = 1",
+       [f"{T_LAYERS}::test_gradient_rows_are_reduced_as_the_backward_goes"],
+       "every part of a forward's G folded (a sampled backward's rows reduced as it goes) weighed as a "
+       "whole micro-batch: G divided by the parts, not the forwards"),
     _m("reduce-sums-activations", "layers/linear.py",
        "return positions_rows(_as_examples(x), self.approx, Tensor.mean)",
        "return positions_rows(_as_examples(x), self.approx, Tensor.sum)",
@@ -314,15 +319,26 @@ MUTATIONS = [
        [f"{T_LAYERS}::test_gradient_rows_are_reduced_as_the_backward_goes"],
        "every output-gradient row held until the micro-batch ends"),
     _m("folded-factors-not-renormalised", "curvature.py",
-       "            elif total != 1:",
-       "            elif False:",
+       "        if scale != 1.0:",
+       "        if False:",
        [f"{T_LAYERS}::test_folded_micro_batches_weigh_what_they_hold"],
        "folded micro-batches never divided by their total weight (fewer than k, or a NaN one)"),
     _m("folded-micro-batch-not-masked", "curvature.py",
-       "                masked = torch.where(folded.flags[-1], total, 0.0)",
-       "                masked = total.clone()",
+       "                masked = torch.where(folded.flags[-1], sums[block.name], 0.0)",
+       "                masked = sums[block.name].clone()",
        [f"{T_LAYERS}::test_folded_micro_batches_weigh_what_they_hold"],
        "a micro-batch with non-finite statistics folded into the factors"),
+    _m("decay-0-factor-not-put-back", "curvature.py",
+       "                store[name] = self.set_aside[key]",
+       "                pass",
+       [f"{T_ROBUST}::test_folded_nonfinite_statistics_leave_the_factors_bit_for_bit"],
+       "with factor_decay=0, a step whose folded statistics were all non-finite loses the factors"),
+    _m("sampled-g-parts-held", "capture.py",
+       "        if self._g_weight is not None and self._fold_gradient_parts:  # in a sampled backward\n"
+       "            self._fold(self.statistics, (\"g\",))",
+       "        pass",
+       [f"{T_LAYERS}::test_gradient_rows_are_reduced_as_the_backward_goes"],
+       "a sampled backward's G sums held to its end (beside the factors) instead of folded as reduced"),
 ]
 
 

@@ -400,7 +400,9 @@ def test_exact_fisher_attention_one_token():
         if block.name in ("inner.q", "inner.k"):
             assert g.abs().max() < 1e-12
             continue
-        torch.testing.assert_close(torch.kron(g, a), exact_block_fisher(model, block, x, loss_fn), rtol=1e-9, atol=1e-12)
+        with precond.pause():  # its forwards are no micro-batches of the preconditioner's
+            exact = exact_block_fisher(model, block, x, loss_fn)
+        torch.testing.assert_close(torch.kron(g, a), exact, rtol=1e-9, atol=1e-12)
 
 
 # ---- [B, T, C] logits: masks and the token count ------------------------------------------------
@@ -613,26 +615,29 @@ def test_accumulation_equals_one_big_batch(fisher_type):
         (F.cross_entropy(model(chunk_x), chunk_y) / 3).backward()
         assert all(len(v) == 1 for v in acc.capture.pending_a.values())  # only this micro-batch is held
         stats = acc.capture.statistics  # the micro-batches before this one: in the factors, no sums held
-        assert stats.folded_forwards == stats.forwards - 1 and not stats.a_sum
+        assert not stats.holds_sums()
     acc.step()
     for name, (a, g) in acc.factors().items():
         torch.testing.assert_close(a, expected[name][0], rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(g, expected[name][1], rtol=1e-12, atol=1e-14)
 
 
-def test_undeclared_micro_batches_average_like_one_big_batch():
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+def test_undeclared_micro_batches_average_like_one_big_batch(fisher_type):
     """Micro-batches the preconditioner was not told about (grad_accumulation_steps left at 1,
-    three forwards and backwards before step()): nothing is folded, the sums are held to step(),
-    each forward counts as one micro-batch, and G is their mean. Under type-2 (its G does not
-    depend on the loss's 1/k) the step's factors still equal those of the concatenated batch."""
+    three forwards and backwards of their own mean losses before step()): each forward counts as
+    one micro-batch and the factors are their mean, so the step's factors equal those of the
+    concatenated batch. Each goes into the factors as the next begins (a sampled backward's G,
+    under type-2, as that backward ends), so no sums are held beside the factors."""
     torch.manual_seed(19)
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
     x, y = torch.randn(12, 3, dtype=F64), torch.randint(0, 2, (12,))
-    expected = type2_factors_of_one_batch(model, x, y, "type-2")
-    precond = KFACPreconditioner(model, "cross_entropy", fisher_type="type-2", factor_dtype=F64)
+    expected = type2_factors_of_one_batch(model, x, y, fisher_type)
+    precond = KFACPreconditioner(model, "cross_entropy", fisher_type=fisher_type, factor_dtype=F64)
     for chunk_x, chunk_y in zip(x.chunk(3), y.chunk(3)):
-        (F.cross_entropy(model(chunk_x), chunk_y) / 3).backward()
-    assert precond.capture.statistics.forwards == 3 and precond.capture.statistics.folded_forwards == 0
+        F.cross_entropy(model(chunk_x), chunk_y).backward()
+    stats = precond.capture.statistics
+    assert stats.forwards == 3 and not stats.holds_sums()
     precond.step()
     for name, (a, g) in precond.factors().items():
         torch.testing.assert_close(a, expected[name][0], rtol=1e-12, atol=1e-14)
@@ -696,8 +701,9 @@ def test_folded_micro_batches_weigh_what_they_hold(case):
 def test_gradient_rows_are_reduced_as_the_backward_goes(fisher_type):
     """Output-gradient rows are not held to the end of the micro-batch: past
     ``held_gradient_bytes`` of them they are reduced (after every hook here, with a 1-byte
-    budget), and a sampled backward's rest as it ends — by default too. The factors equal those
-    of every row held until step() (float64)."""
+    budget), and a sampled backward's rest as it ends — by default too; a sampled backward's
+    sums go into G at once, so none are held through the user's backward either. The factors
+    equal those of every row held until step() (float64)."""
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     x, y = torch.randn(16, 3, dtype=F64), torch.randint(0, 2, (16,))
@@ -706,11 +712,21 @@ def test_gradient_rows_are_reduced_as_the_backward_goes(fisher_type):
         precond = KFACPreconditioner(model, "cross_entropy", fisher_type=fisher_type, factor_dtype=F64, seed=0)
         if held != "default":
             precond.capture.held_gradient_bytes = held
+        sums_held = []  # in the sampled backward, when it reaches the first layer (its rows just reduced)
+
+        def spy_on(module, inputs, out, stats=precond.capture.statistics, seen=sums_held):
+            out.register_hook(lambda grad: seen.append(bool(stats.g_sum)))
+
+        spy = model[0].register_forward_hook(spy_on)
         model.zero_grad()
         loss = F.cross_entropy(model(x), y)
+        spy.remove()
         sampled = precond.capture.fisher.samples
         if sampled:  # the sampled backward ran in the forward
             assert bool(precond.capture.pending_g) == (held is None)
+            assert not precond.capture.statistics.g_sum
+            if held == 1:
+                assert sums_held and not any(sums_held)  # each part of G went in as it was reduced
         loss.backward()
         assert bool(precond.capture.pending_g) == (held is None or held == "default" and not sampled)
         precond.step()

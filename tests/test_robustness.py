@@ -119,6 +119,29 @@ def test_nonfinite_activations_skip_the_factor_update(fisher_type, fault):
     assert not any(torch.equal(p, p0) for p0, p in zip(params, model.parameters()))
 
 
+@pytest.mark.parametrize("factor_decay", [0.95, 0.0])
+def test_folded_nonfinite_statistics_leave_the_factors_bit_for_bit(factor_decay):
+    """Under gradient accumulation (the statistics go into the factors as they come), a step
+    whose every micro-batch has a NaN input leaves the factors exactly as they were, also with
+    no moving average (factor_decay=0, where a fed step replaces them)."""
+    model = mlp()
+    precond = KFACPreconditioner(model, loss="cross_entropy", fisher_type="type-2", factor_decay=factor_decay,
+                                 grad_accumulation_steps=2)
+    for nan in (False, True):
+        model.zero_grad()
+        for _ in range(2):
+            x, y = batch()
+            if nan:
+                x[0, 0] = float("nan")
+            (F.cross_entropy(model(x), y) / 2).backward()
+        if not nan:
+            assert precond.step()
+            before = {name: (a.clone(), g.clone()) for name, (a, g) in precond.factors().items()}
+    assert not precond.step()
+    assert_same(precond.factors(), before)
+    assert precond.stats["factor_updates"] == 1 and precond.stats["skipped_factor_updates"] == 1
+
+
 def test_nonfinite_first_step_leaves_no_factors():
     """The very first step is non-finite: no factors are created (not even zeros), the gradients
     are zeroed, and the next step initialises the factors."""
@@ -144,8 +167,8 @@ def test_nonfinite_first_step_leaves_no_factors():
 
 def test_nonfinite_gradient_preconditioner_zeroes_registered_grads():
     """Activations are finite, one gradient is NaN after backward: step() returns False, every
-    registered layer's gradient is zero, the step's statistics are dropped (a NaN gradient says
-    the step went wrong), and both are counted."""
+    registered layer's gradient is zero and the step is counted; its statistics, finite, go into
+    the factors (they say what the curvature is, whatever went wrong in the gradient)."""
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 4))
     precond = KFACPreconditioner(model, loss="cross_entropy")
     x, y = batch()
@@ -154,7 +177,8 @@ def test_nonfinite_gradient_preconditioner_zeroes_registered_grads():
     bn_grads = [p.grad.clone() for p in model[1].parameters()]
     assert not precond.step()
     assert precond.stats["nonfinite_grad_steps"] == 1
-    assert precond.stats["factor_updates"] == 0 and precond.stats["skipped_factor_updates"] == 1
+    assert precond.stats["factor_updates"] == 1 and precond.stats["skipped_factor_updates"] == 0
+    assert all(torch.isfinite(t).all() for a_g in precond.factors().values() for t in a_g)
     for layer in (model[0], model[3]):
         for p in layer.parameters():
             assert torch.equal(p.grad, torch.zeros_like(p))
