@@ -6,7 +6,8 @@
 recorded the values), else within a relative tolerance of 1e-12 for results computed in float64
 (1e-5 where float32 tensors took part, 1e-4 with bf16 forwards): another CPU model or thread
 count may pick other BLAS kernels, which round differently, but no change of the algorithm hides
-under 1e-12.
+under 1e-12. (The models' initial weights come from torch's vectorized ``normal_``: AVX2 and
+AVX-512 CPUs draw the same values, a CPU without AVX2 — ``ATEN_CPU_CAPABILITY=default`` — others.)
 """
 
 from __future__ import annotations
