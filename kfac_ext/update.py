@@ -74,34 +74,27 @@ def masked_adamw(params: list[Tensor], states: list[dict], ok: Tensor, *, lr: fl
                  eps: float, weight_decay: float) -> None:
     """``torch.optim.AdamW`` (decoupled weight decay, bias-corrected moments) of ``params``, taken
     only where the 0-d ``ok`` is True, decided on the device: the step count advances by ``ok``,
-    the moments decay by ``where(ok, β, 1)``, the gradient enters with NaN replaced by 0, and the
-    parameter moves by ``ok`` times the step. ``states`` hold ``step``, ``exp_avg``,
-    ``exp_avg_sq`` (made on first use, sharded like the parameter under FSDP2)."""
-    beta1, beta2 = betas
-    okf = ok.to(torch.float64)  # 0-d scalars in float64: exact enough for float64 parameters too
+    and torch's fused AdamW kernel (``fused=True``'s) is told ``found_inf = not ok``, on which it
+    leaves every parameter and moment as it was without reading the gradients (NaNs included).
+    One kernel per device and dtype: a loop of ~10 foreach ops cost more than the arithmetic on
+    small models (0.9 ms a step for a transformer's 10 LayerNorm vectors). ``states`` hold
+    ``step``, ``exp_avg``, ``exp_avg_sq`` (made on first use, sharded like the parameter under
+    FSDP2)."""
     for p, s in zip(params, states):
         if "exp_avg" not in s:
             s["step"] = torch.zeros((), dtype=torch.float32, device=local(p).device)
             s["exp_avg"], s["exp_avg_sq"] = torch.zeros_like(p.detach()), torch.zeros_like(p.detach())
-    local_params = [local(p) for p in params]
-    grads = [torch.where(ok, local(p.grad), 0.0) for p in params]
-    m, v = [local(s["exp_avg"]) for s in states], [local(s["exp_avg_sq"]) for s in states]
-    steps = [s["step"] for s in states]
-    torch._foreach_add_(steps, ok.to(torch.float32))
-    if weight_decay:
-        torch._foreach_mul_(local_params, 1.0 - lr * weight_decay * okf)
-    torch._foreach_mul_(m, torch.where(ok, okf.new_tensor(beta1), 1.0))
-    torch._foreach_add_(m, grads, alpha=1 - beta1)
-    torch._foreach_mul_(v, torch.where(ok, okf.new_tensor(beta2), 1.0))
-    torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-    # the bias corrections of every parameter at once, in float64 (per-parameter steps)
-    counts = torch.stack(steps).double().clamp_min(1.0)  # never stepped (every step skipped so far): m = 0
-    step_sizes = (okf * -lr / (1 - beta1**counts)).unbind()
-    denom = torch._foreach_sqrt(torch._foreach_div(v, (1 - beta2**counts).unbind()))
-    torch._foreach_add_(denom, eps)
-    updates = torch._foreach_div(m, denom)
-    torch._foreach_mul_(updates, step_sizes)
-    torch._foreach_add_(local_params, updates)
+    kinds = group_by(range(len(params)), lambda i: (local(params[i]).device, local(params[i]).dtype))
+    for members in kinds.values():
+        device = local(params[members[0]]).device
+        advance = (ok if ok.device == device else ok.to(device)).to(torch.float32)  # a model split over devices
+        steps = [states[i]["step"] for i in members]
+        torch._foreach_add_(steps, advance)
+        torch._fused_adamw_(
+            [local(params[i]) for i in members], [local(params[i].grad) for i in members],
+            [local(states[i]["exp_avg"]) for i in members], [local(states[i]["exp_avg_sq"]) for i in members], [],
+            steps, lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
+            maximize=False, grad_scale=None, found_inf=1.0 - advance)
 
 
 def masked_move(params: list[Tensor], ok: Tensor, *, lr: float, weight_decay: float) -> None:
