@@ -84,10 +84,7 @@ def masked_adamw(params: list[Tensor], states: list[dict], ok: Tensor, *, lr: fl
         if "exp_avg" not in s:
             s["step"] = torch.zeros((), dtype=torch.float32, device=local(p).device)
             s["exp_avg"], s["exp_avg_sq"] = torch.zeros_like(p.detach()), torch.zeros_like(p.detach())
-    kinds = group_by(range(len(params)), lambda i: (local(params[i]).device, local(params[i]).dtype))
-    for members in kinds.values():
-        device = local(params[members[0]]).device
-        advance = (ok if ok.device == device else ok.to(device)).to(torch.float32)  # a model split over devices
+    for members, advance in _by_device_and_dtype(params, ok):
         steps = [states[i]["step"] for i in members]
         torch._foreach_add_(steps, advance)
         torch._fused_adamw_(
@@ -99,13 +96,24 @@ def masked_adamw(params: list[Tensor], states: list[dict], ok: Tensor, *, lr: fl
 
 def masked_move(params: list[Tensor], ok: Tensor, *, lr: float, weight_decay: float) -> None:
     """``p ← p − lr (d + wd·p)`` with ``d`` the parameter's gradient (a direction already
-    normalized, as :class:`EigenbasisAdam` writes it; weight decay decoupled), only where ``ok``."""
-    local_params = [local(p) for p in params]
-    okf = ok.to(torch.float64)
-    if weight_decay:
-        torch._foreach_mul_(local_params, 1.0 - lr * weight_decay * okf)
-    directions = [torch.where(ok, local(p.grad), 0.0) for p in params]
-    torch._foreach_add_(local_params, directions, alpha=-lr)
+    normalized, as :class:`EigenbasisAdam` writes it; weight decay decoupled), only where ``ok``:
+    torch's fused SGD kernel without momentum, whose weight decay ``d + wd·p`` is this same
+    update, told ``found_inf = not ok`` (then it neither moves nor reads the gradients)."""
+    for members, advance in _by_device_and_dtype(params, ok):
+        torch._fused_sgd_([local(params[i]) for i in members], [local(params[i].grad) for i in members], [],
+                          weight_decay=weight_decay, momentum=0.0, lr=lr, dampening=0.0, nesterov=False,
+                          maximize=False, is_first_step=False, grad_scale=None, found_inf=1.0 - advance)
+
+
+def _by_device_and_dtype(params: list[Tensor], ok: Tensor) -> list[tuple[list[int], Tensor]]:
+    """Indices of ``params`` per (device, dtype) of their local tensors — what one fused kernel
+    takes — each with ``ok`` as a float32 0-d tensor on that device (a model split over devices)."""
+    kinds = group_by(range(len(params)), lambda i: (local(params[i]).device, local(params[i]).dtype))
+    groups = []
+    for members in kinds.values():
+        device = local(params[members[0]]).device
+        groups.append((members, (ok if ok.device == device else ok.to(device)).to(torch.float32)))
+    return groups
 
 
 class EigenbasisAdam:

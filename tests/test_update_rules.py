@@ -143,11 +143,12 @@ def test_adamw_rule_is_the_kfac_direction_into_adamw():
 
 @pytest.mark.parametrize("update", ["eigen-adam", "adamw"])
 def test_nonfinite_step_changes_no_parameter_and_no_state(update):
-    """A step whose gradients hold a NaN moves nothing: parameters, AdamW's and the eigenbasis
-    moments, their step counts; the next finite steps go on as if it had not happened."""
+    """A step whose gradients hold a NaN moves nothing: parameters (weight decay included),
+    AdamW's and the eigenbasis moments, their step counts; the next finite steps go on as if it
+    had not happened."""
     model, twin = net(), net()
-    opts = [KFAC(m, lr=1e-2, update=update, loss="cross_entropy", fisher_type="type-2", factor_dtype=F64,
-                 inv_dtype=F64, factor_update_steps=2, inv_update_steps=4) for m in (model, twin)]
+    opts = [KFAC(m, lr=1e-2, weight_decay=0.1, update=update, loss="cross_entropy", fisher_type="type-2",
+                 factor_dtype=F64, inv_dtype=F64, factor_update_steps=2, inv_update_steps=4) for m in (model, twin)]
     for step in range(6):  # the twin sees no NaN
         backward(twin, step)
         opts[1].step()
