@@ -13,8 +13,8 @@ from torch.distributed.tensor import DTensor
 from .damping import AdaptiveDamping
 from .fsdp import rows_of_rank, whole
 from .preconditioner import KFACPreconditioner
-from .update import RULES, EigenbasisAdam, masked_adamw, masked_move, masked_sgd
-from .util import Schedule, doubling, value
+from .update import RULES, EigenbasisAdam, GradientBasisAdam, masked_adamw, masked_move, masked_sgd
+from .util import Schedule, doubling, flush_denormals, value
 
 __all__ = ["KFAC"]
 
@@ -43,8 +43,11 @@ class KFAC(torch.optim.Optimizer):
     Update rules (``update=``, :mod:`kfac_ext.update`):
 
     * ``"eigen-adam"`` (default): Adam in the eigenbasis of each K-FAC block's factors (SOAP's idea
-      with K-FAC's factors); every other parameter (norms, tied or frozen-out embeddings, ...)
-      by AdamW. AdamW's learning rates and ``betas`` / ``eps`` / decoupled ``weight_decay``.
+      with K-FAC's factors); a float32 / float64 matrix that no block covers (a tied input /
+      output embedding, a bare ``nn.Parameter``) by Adam in the eigenbasis of its own gradient's
+      ``E[∇∇ᵀ]`` and ``E[∇ᵀ∇]`` (SOAP's factors, on the same schedules); every other parameter
+      (norms, biases, ...) by AdamW. AdamW's learning rates and ``betas`` / ``eps`` / decoupled
+      ``weight_decay``.
       Its factors are the empirical ones (``fisher_type="empirical"``: the training backward's
       own gradients, no extra backward), updated at steps 0, 1, 2, 4, then every 5
       (``factor_update_steps``), the basis at 0, 1, 2, 4, ..., 32, then every 50
@@ -120,6 +123,10 @@ class KFAC(torch.optim.Optimizer):
             self.preconditioner.direction_rule = self._eigen_adam
         self._check_params_cover_blocks()
         self._block_params = {id(p) for b in self.preconditioner.blocks for p in b.params()}
+        self._matrix_adam = None
+        if update == "eigen-adam":
+            self._matrix_adam = GradientBasisAdam(self.preconditioner.inverses.ops, betas, eps,
+                                                  self.preconditioner.max_factor_dim)
         self.adaptive_damping = adaptive_damping
         self.adaptive_damping_interval = adaptive_damping_interval
         self._damping = AdaptiveDamping(self.preconditioner, adaptive_damping_interval) if adaptive_damping else None
@@ -141,19 +148,22 @@ class KFAC(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        schedule = dict(factor_due=self.preconditioner.is_factor_step(), basis_due=self.preconditioner.is_inverse_step(),
+                        decay=float(value(self.preconditioner.factor_decay, self.preconditioner.steps)))
         finite = self.preconditioner.step()
         others = [p.grad for p in self._params() if p.grad is not None and id(p) not in self._block_params]
         ok = finite & self.preconditioner.topology.finite(others) if others else finite
         if others:
             self.preconditioner.count_nonfinite(finite & ~ok)  # the preconditioner counted ~finite
         before = [p.detach().clone() for p in self._params()] if adapt else None
-        self._move(ok)
+        self._move(ok, schedule)
         if adapt and bool(ok):
             self._damping.adapt(self._params(), loss.detach(), before, closure, rng)
         return loss
 
-    def _move(self, ok: torch.Tensor) -> None:
-        """The rule's parameter update of every group, only where the 0-d ``ok`` is True."""
+    def _move(self, ok: torch.Tensor, schedule: dict) -> None:
+        """The rule's parameter update of every group, only where the 0-d ``ok`` is True
+        (``schedule``: this step's factor and basis updates, for :class:`GradientBasisAdam`)."""
         for group in self.param_groups:
             with_grad = [p for p in group["params"] if p.grad is not None]
             if not with_grad:
@@ -169,9 +179,13 @@ class KFAC(torch.optim.Optimizer):
                 masked_adamw(with_grad, [self.state[p] for p in with_grad], ok, **adam)
                 continue
             directed = [p for p in with_grad if id(p) in self._block_params and p.grad is not None]
-            plain = [p for p in with_grad if id(p) not in self._block_params]
-            if directed:  # eigen-adam: the blocks' gradients hold Adam's normalized directions
-                masked_move(directed, ok, lr=lr, weight_decay=wd)
+            plain = [p for p in with_grad if id(p) not in self._block_params and not self._matrix_adam.takes(p)]
+            matrices = [p for p in with_grad if id(p) not in self._block_params and self._matrix_adam.takes(p)]
+            if matrices:
+                with flush_denormals():
+                    self._matrix_adam(matrices, [self.state[p] for p in matrices], ok, **schedule)
+            if directed or matrices:  # eigen-adam: their gradients hold Adam's normalized directions
+                masked_move(directed + matrices, ok, lr=lr, weight_decay=wd)
             if plain:
                 masked_adamw(plain, [self.state[p] for p in plain], ok, **adam)
 

@@ -162,6 +162,7 @@ class KFACPreconditioner:
         self.grad_scaler = grad_scaler
         self.backend, self.seed = backend, seed
 
+        self.max_factor_dim = max_factor_dim
         self.registration = find_blocks(model, tuple(skip_layers), kfac_approx, max_factor_dim)
         self.registration.require_blocks()
         self.blocks: list[Block] = self.registration.blocks
@@ -182,7 +183,7 @@ class KFACPreconditioner:
         self.inverses = Inverses(ops, inversion, inversion == "cholesky" or damping_mode != "eigen", inv_dtype)
         settings = CaptureSettings(make_fisher(fisher_type, mc_samples), self.loss, self.reduction, output_fn,
                                    loss_mask_fn, grad_accumulation_steps, factor_dtype, grad_scaler, factor_rows)
-        self.capture = Capture(model, self.blocks, self.registration.installs, settings, factor_step=self._is_factor_step,
+        self.capture = Capture(model, self.blocks, self.registration.installs, settings, factor_step=self.is_factor_step,
                                ops=ops, generator=self.generator, counters=self._stats, warned=self._warned,
                                fold=self._fold_statistics, fold_gradient_parts=self.topology.world_size == 1,
                                on_forward=self._release_raw_gradients)
@@ -225,10 +226,10 @@ class KFACPreconditioner:
     def _release_raw_gradients(self) -> None:
         self.last_raw_gradients = []
 
-    def _is_factor_step(self) -> bool:
+    def is_factor_step(self) -> bool:
         return self.steps % max(1, int(value(self.factor_update_steps, self.steps))) == 0
 
-    def _is_inverse_step(self) -> bool:
+    def is_inverse_step(self) -> bool:
         return self.steps % max(1, int(value(self.inv_update_steps, self.steps))) == 0
 
     def _scaled(self) -> bool:
@@ -256,11 +257,11 @@ class KFACPreconditioner:
                 block.ensure_bias_grad()
             grads, finite = self.topology.gradients(self.blocks, ran)
             self.last_raw_gradients = grads
-            if self._is_factor_step():
+            if self.is_factor_step():
                 self.registration.check_unchanged(self.model)
                 if not self.update_curvature(finite):
                     return self._skip_nonfinite_step(ran, finite)
-            if self.curvature and (self.inverses.records.keys() != self.curvature.a.keys() or self._is_inverse_step()):
+            if self.curvature and (self.inverses.records.keys() != self.curvature.a.keys() or self.is_inverse_step()):
                 self.update_inverses()
             self.write_directions(grads, finite)
             self.count_nonfinite(~finite)

@@ -7,8 +7,9 @@ preconditioner has rewritten the K-FAC blocks' gradients.
   Kronecker factors; EKFAC, George et al. 2018, is its per-example relative). Adam's second moment
   takes the place of the eigenvalues, so a stale basis (refreshed rarely) costs little.
   :class:`EigenbasisAdam` computes these directions inside the preconditioner (by each block's
-  owner, under the distribution modes); the parameters then move by ``lr`` times them, and every
-  other parameter by AdamW.
+  owner, under the distribution modes); the parameters then move by ``lr`` times them. A matrix
+  parameter no block covers (a tied input / output embedding) gets Adam in the eigenbasis of its
+  own gradient's factors (:class:`GradientBasisAdam`, SOAP's), every other parameter AdamW.
 * ``"adamw"``: the K-FAC direction ``(G ⊗ A + damping)⁻¹ ∇W̄`` fed to AdamW, with every other
   parameter's raw gradient.
 * ``"sgd"``: SGD with momentum on the K-FAC direction clipped by the KL clip, every other
@@ -25,9 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from .fsdp import local
 from .inverse import EigenPair
+from .ops import Status
 from .util import group_by
 
 if TYPE_CHECKING:
@@ -170,12 +173,7 @@ class EigenbasisAdam:
             state = self.state[block.name] = dict(step=torch.zeros((), dtype=torch.float32, device=grad.device),
                                                   exp_avg=zeros, exp_avg_sq=zeros.clone(), q_a=q_a, q_g=q_g)
         elif state["q_g"] is not q_g or state["q_a"] is not q_a:
-            r_g = q_g.mT @ state["q_g"]  # old coordinates -> new
-            r_a = None if q_a is None else state["q_a"].mT @ q_a
-            state["exp_avg"] = _rotate(state["exp_avg"], r_g.mT, r_a)
-            # v of independent coordinates: E[(R x)_i²] = Σ_j R_ij² v_j on each side
-            state["exp_avg_sq"] = _rotate(state["exp_avg_sq"], (r_g * r_g).mT, None if r_a is None else r_a * r_a)
-            state["q_a"], state["q_g"] = q_a, q_g
+            carry_moments(state, q_g, q_a)
         return state
 
     def state_dict(self) -> dict[str, dict[str, Tensor]]:
@@ -192,6 +190,104 @@ class EigenbasisAdam:
                 continue  # no basis to go with the moments: they restart
             self.state[name] = {k: t.to(devices[name], copy=True) for k, t in s.items()}
             self.state[name].update(q_a=rec_a.vectors, q_g=rec_g.vectors)
+
+
+class GradientBasisAdam:
+    """Adam in the eigenbasis of a matrix parameter's own gradient statistics, for the 2-D
+    parameters no K-FAC block covers (a tied input / output embedding, whose gradient mixes two
+    layers' Kronecker structures; a bare ``nn.Parameter`` matrix): ``L = E[∇∇ᵀ]`` and
+    ``R = E[∇ᵀ∇]``, Shampoo's factors as SOAP uses them, moving averages updated on K-FAC's factor
+    steps, their eigenbases refreshed on its inverse steps, and Adam's moments kept and carried
+    between bases as in :class:`EigenbasisAdam` (the same native op). A side wider than
+    ``max_dim`` is not rotated (Adam's own coordinates there); such a parameter is handled
+    transposed, so that the rotated side is the op's first. Float32 and float64 parameters (the
+    dtype of their factors and moments) that FSDP2 does not shard: :meth:`takes`."""
+
+    def __init__(self, ops, betas: tuple[float, float], eps: float, max_dim: int):
+        self.ops, self.betas, self.eps, self.max_dim = ops, betas, eps, max_dim
+
+    def takes(self, p: Tensor) -> bool:
+        return (p.dim() == 2 and not isinstance(p, DTensor) and p.dtype in (torch.float32, torch.float64)
+                and min(p.shape) <= self.max_dim)
+
+    def __call__(self, params: list[Tensor], states: list[dict], ok: Tensor, *, factor_due: bool, basis_due: bool,
+                 decay: float) -> None:
+        """Replaces each parameter's ``.grad`` by its Adam direction where the 0-d ``ok`` (on the
+        device) is True; where not, no state changes and ``.grad`` stays as it was."""
+        grads = [self._oriented(p.grad, s, p) for p, s in zip(params, states)]
+        if factor_due:
+            for g, s in zip(grads, states):
+                self._update_factors(g, s, ok, decay)
+        for g, s in zip(grads, states):
+            if "exp_avg" not in s:
+                self._start(g, s)
+            elif basis_due:
+                self._refresh_basis(s)
+        for members in group_by(range(len(params)), lambda i: (params[i].dtype, params[i].device)).values():
+            keep = ok if ok.device == params[members[0]].device else ok.to(params[members[0]].device)
+            st = [states[i] for i in members]
+            out = self.ops.eigen_adam_([s["q_g"] for s in st], [grads[i].contiguous() for i in members],
+                                       [s["q_a"] for s in st], [s["exp_avg"] for s in st],
+                                       [s["exp_avg_sq"] for s in st], [s["step"] for s in st], keep, *self.betas,
+                                       self.eps)
+            for i, d in zip(members, out):
+                grad = params[i].grad
+                grad.copy_(torch.where(keep, d.mT if states[i]["transposed"] else d, grad))
+
+    def _oriented(self, grad: Tensor, state: dict, p: Tensor) -> Tensor:
+        if "transposed" not in state:
+            state["transposed"] = p.shape[0] > self.max_dim
+        return grad.mT if state["transposed"] else grad
+
+    def _update_factors(self, grad: Tensor, state: dict, ok: Tensor, decay: float) -> None:
+        """``L ← ρL + (1-ρ)∇∇ᵀ`` (and ``R``) where ``ok``; the first update sets them."""
+        g = torch.where(ok, grad, 0.0)
+        sides = {"left": g @ g.mT}
+        if g.shape[1] <= self.max_dim:
+            sides["right"] = g.mT @ g
+        weight = ok.to(g.dtype) * (1.0 - decay)
+        for key, stat in sides.items():
+            if key in state:
+                state[key].lerp_(stat, weight)
+            else:
+                state[key] = stat
+
+    def _start(self, grad: Tensor, state: dict) -> None:
+        """Zero moments in the identity basis: a basis from the factors of this one gradient
+        would be its singular vectors, in which its off-diagonal coordinates are rounding noise
+        that Adam's ``m̂ / (√v̂ + ε)`` blows up to ±1 (SOAP skips its first step for this)."""
+        zeros = torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device)  # contiguous: grad may be a transpose
+        state.update(step=torch.zeros((), dtype=torch.float32, device=grad.device), exp_avg=zeros,
+                     exp_avg_sq=zeros.clone(), q_g=_eye(grad.shape[0], grad),
+                     q_a=_eye(grad.shape[1], grad) if "right" in state else None)
+
+    def _refresh_basis(self, state: dict) -> None:
+        """The factors' eigenbases, the moments carried into them; a failed eigendecomposition
+        keeps the previous basis of that side. One call per parameter: the bases are refreshed
+        rarely, and these are few parameters."""
+        sides = [key for key in ("left", "right") if key in state]
+        _, vectors, status = self.ops.eigen_decompose([state[key] for key in sides])
+        new = dict(zip(("q_g", "q_a"), (state["q_g"], state["q_a"])))
+        for key, q, code in zip(sides, vectors, status.tolist()):
+            if code in (Status.OK, Status.OK_AFTER_FP64_RETRY):
+                new["q_g" if key == "left" else "q_a"] = q
+        carry_moments(state, new["q_g"], new["q_a"])
+
+
+def _eye(n: int, like: Tensor) -> Tensor:
+    return torch.eye(n, dtype=like.dtype, device=like.device)
+
+
+def carry_moments(state: dict[str, Any], q_g: Tensor, q_a: Tensor | None) -> None:
+    """Adam's moments ``state["exp_avg"]`` / ``["exp_avg_sq"]``, kept in the basis
+    ``state["q_g"]``, ``state["q_a"]``, carried into the basis ``q_g``, ``q_a`` (which the state
+    then records): ``m`` rotated exactly, ``v`` as the second moments of independent coordinates."""
+    r_g = q_g.mT @ state["q_g"]  # old coordinates -> new
+    r_a = None if q_a is None else state["q_a"].mT @ q_a
+    state["exp_avg"] = _rotate(state["exp_avg"], r_g.mT, r_a)
+    # v of independent coordinates: E[(R x)_i²] = Σ_j R_ij² v_j on each side
+    state["exp_avg_sq"] = _rotate(state["exp_avg_sq"], (r_g * r_g).mT, None if r_a is None else r_a * r_a)
+    state["q_a"], state["q_g"] = q_a, q_g
 
 
 def _rotate(matrix: Tensor, q_g: Tensor, q_a: Tensor | None) -> Tensor:

@@ -179,12 +179,92 @@ def _assert_same_state(got: dict, want: dict) -> None:
             assert torch.equal(got["kfac"]["eigen_adam"][name][k], t), (name, k)
 
 
-@pytest.mark.parametrize("update", ["eigen-adam", "adamw"])
-def test_checkpoint_resumes_the_same_trajectory(update):
+class WithMatrix(nn.Module):
+    """A bare matrix parameter used twice, as a tied input / output embedding is (no K-FAC block
+    covers it), then a Linear head (a block). Float64."""
+
+    def __init__(self, rows: int = 6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mix = nn.Parameter(torch.randn(rows, 6, dtype=F64) / 3)
+        self.head = nn.Linear(6, 5).double()
+
+    def forward(self, x):
+        return self.head(torch.tanh(x @ self.mix.T) @ self.mix)
+
+
+class MatrixAdamReference:
+    """Adam in the eigenbasis of ``L = E[∇∇ᵀ]`` and ``R = E[∇ᵀ∇]`` of one matrix (the first step
+    in the identity basis), written out with torch.linalg in float64; ``transposed``: the rows
+    side is too wide, so ``∇ᵀ`` is used and only its rows (the matrix's columns) are rotated."""
+
+    def __init__(self, p, transposed, factor_every, basis_every, lr, wd, decay=0.95):
+        self.p, self.transposed = p.detach().clone(), transposed
+        self.factor_every, self.basis_every, self.lr, self.wd, self.decay = factor_every, basis_every, lr, wd, decay
+        self.sides, self.bases, self.m, self.v, self.count = {}, {}, None, None, 0
+
+    def step(self, t, grad):
+        g = grad.T if self.transposed else grad
+        stats = {"left": g @ g.T} if self.transposed else {"left": g @ g.T, "right": g.T @ g}
+        if t % self.factor_every == 0:
+            for k, f in stats.items():
+                self.sides[k] = f if k not in self.sides else self.decay * self.sides[k] + (1 - self.decay) * f
+        if self.m is None:  # the first step in the identity basis
+            self.m, self.v = torch.zeros_like(g), torch.zeros_like(g)
+            self.bases = {k: torch.eye(f.shape[0], dtype=F64) for k, f in self.sides.items()}
+        elif t % self.basis_every == 0:
+            new = {k: torch.linalg.eigh(f)[1] for k, f in self.sides.items()}
+            r_l = new["left"].T @ self.bases["left"]
+            r_r = new["right"].T @ self.bases["right"] if "right" in new else torch.eye(g.shape[1], dtype=F64)
+            self.m, self.v = r_l @ self.m @ r_r.T, (r_l * r_l) @ self.v @ (r_r * r_r).T
+            self.bases = new
+        q_l = self.bases["left"]
+        q_r = self.bases.get("right", torch.eye(g.shape[1], dtype=F64))
+        rotated = q_l.T @ g @ q_r
+        self.count += 1
+        self.m = BETAS[0] * self.m + (1 - BETAS[0]) * rotated
+        self.v = BETAS[1] * self.v + (1 - BETAS[1]) * rotated**2
+        m_hat, v_hat = self.m / (1 - BETAS[0] ** self.count), self.v / (1 - BETAS[1] ** self.count)
+        d = q_l @ (m_hat / (v_hat.sqrt() + EPS)) @ q_r.T
+        self.p -= self.lr * ((d.T if self.transposed else d) + self.wd * self.p)
+
+
+@pytest.mark.parametrize("shape", ["square", "too-wide"])
+def test_matrices_without_a_block_get_adam_in_their_gradient_eigenbasis(shape):
+    """eigen-adam gives a 2-D parameter that no block covers (here used twice, like a tied
+    embedding) Adam in the eigenbasis of its gradient's ``L`` and ``R`` (SOAP's factors) on K-FAC's
+    factor and basis schedules, with decoupled weight decay: equal to the written-out algorithm
+    step by step, a NaN step skipped on the device without a read back. "too-wide": rows over
+    ``max_factor_dim``, so only the columns are rotated."""
+    model = WithMatrix(rows=9 if shape == "too-wide" else 6)
+    opt = KFAC(model, lr=1e-2, betas=BETAS, eps=EPS, weight_decay=0.1, loss="cross_entropy", factor_update_steps=2,
+               inv_update_steps=3, factor_dtype=F64, inv_dtype=F64, max_factor_dim=8)
+    assert [b.name for b in opt.preconditioner.blocks] == ["head"]
+    ref = MatrixAdamReference(model.mix, shape == "too-wide", 2, 3, lr=1e-2, wd=0.1)
+    for step in range(9):
+        backward(model, step)
+        if step == 5:  # a steady-state step with a NaN gradient: nothing moves, nothing is read back
+            model.head.weight.grad[0, 0] = float("nan")
+            before = model.mix.detach().clone()
+            with no_host_reads():
+                opt.step()
+            assert torch.equal(model.mix, before)
+            continue
+        ref.step(step, model.mix.grad.clone())
+        opt.step()
+        torch.testing.assert_close(model.mix.detach(), ref.p, rtol=1e-10, atol=1e-12)
+    assert opt.preconditioner.stats["nonfinite_grad_steps"] == 1
+
+
+@pytest.mark.parametrize("update,make", [("eigen-adam", net), ("adamw", net), ("eigen-adam", WithMatrix)],
+                         ids=["eigen-adam", "adamw", "eigen-adam-matrix"])
+def test_checkpoint_resumes_the_same_trajectory(update, make):
     """state_dict after 3 steps, loaded into a fresh model and optimizer: the next steps equal an
-    uninterrupted run's (the eigenbasis moments and AdamW's state travel with it)."""
+    uninterrupted run's (the eigenbasis moments, a blockless matrix's factors, bases and moments,
+    and AdamW's state travel with it)."""
     settings = dict(lr=1e-2, update=update, loss="cross_entropy", fisher_type="type-2", factor_dtype=F64,
                     inv_dtype=F64)
+    net = make  # noqa: F811 (the model builder of this case)
     whole, first = net(), net()
     opt_whole, opt_first = KFAC(whole, **settings), KFAC(first, **settings)
     for step in range(7):
