@@ -213,18 +213,21 @@ class GradientBasisAdam:
     def __call__(self, params: list[Tensor], states: list[dict], ok: Tensor, *, factor_due: bool, basis_due: bool,
                  decay: float) -> None:
         """Replaces each parameter's ``.grad`` by its Adam direction where the 0-d ``ok`` (on the
-        device) is True; where not, no state changes and ``.grad`` stays as it was."""
+        device) is True; where not, no state changes and ``.grad`` stays as it was. Decided on the
+        device, except on basis steps (which read the eigendecompositions' statuses anyway)."""
+        oks = {p.device: ok if ok.device == p.device else ok.to(p.device) for p in params}  # a model split over devices
         grads = [self._oriented(p.grad, s, p) for p, s in zip(params, states)]
         if factor_due:
-            for g, s in zip(grads, states):
-                self._update_factors(g, s, ok, decay)
+            for p, g, s in zip(params, grads, states):
+                self._update_factors(g, s, oks[p.device], decay)
+        refresh = basis_due and bool(ok)
         for g, s in zip(grads, states):
-            if "exp_avg" not in s:
+            if "q_g" not in s:
                 self._start(g, s)
-            elif basis_due:
+            elif refresh and ("left" in s or "right" in s):
                 self._refresh_basis(s)
         for members in group_by(range(len(params)), lambda i: (params[i].dtype, params[i].device)).values():
-            keep = ok if ok.device == params[members[0]].device else ok.to(params[members[0]].device)
+            keep = oks[params[members[0]].device]
             st = [states[i] for i in members]
             out = self.ops.eigen_adam_([s["q_g"] for s in st], [grads[i].contiguous() for i in members],
                                        [s["q_a"] for s in st], [s["exp_avg"] for s in st],
@@ -253,13 +256,20 @@ class GradientBasisAdam:
                 state[key] = stat
 
     def _start(self, grad: Tensor, state: dict) -> None:
-        """Zero moments in the identity basis: a basis from the factors of this one gradient
-        would be its singular vectors, in which its off-diagonal coordinates are rounding noise
-        that Adam's ``m̂ / (√v̂ + ε)`` blows up to ±1 (SOAP skips its first step for this)."""
-        zeros = torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device)  # contiguous: grad may be a transpose
-        state.update(step=torch.zeros((), dtype=torch.float32, device=grad.device), exp_avg=zeros,
-                     exp_avg_sq=zeros.clone(), q_g=_eye(grad.shape[0], grad),
-                     q_a=_eye(grad.shape[1], grad) if "right" in state else None)
+        """Moments in the identity basis: zeros, or AdamW's (a checkpoint saved when AdamW took
+        this parameter: the same coordinates). Not the factors' basis yet: a basis from the
+        factors of this one gradient would be its singular vectors, in which its off-diagonal
+        coordinates are rounding noise that Adam's ``m̂ / (√v̂ + ε)`` blows up to ±1 (SOAP skips
+        its first step for this)."""
+        if "exp_avg" in state:
+            moments = [state[k].mT if state["transposed"] else state[k] for k in ("exp_avg", "exp_avg_sq")]
+            state["exp_avg"], state["exp_avg_sq"] = (m.contiguous() for m in moments)
+        else:
+            zeros = torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device)  # contiguous: grad may be a transpose
+            state.update(step=torch.zeros((), dtype=torch.float32, device=grad.device), exp_avg=zeros,
+                         exp_avg_sq=zeros.clone())
+        state["q_g"] = _eye(grad.shape[0], grad)
+        state["q_a"] = _eye(grad.shape[1], grad) if grad.shape[1] <= self.max_dim else None
 
     def _refresh_basis(self, state: dict) -> None:
         """The factors' eigenbases, the moments carried into them; a failed eigendecomposition

@@ -4,6 +4,7 @@ pinned by the tests that pass update="sgd" (test_optimizer.py and the golden tra
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -241,19 +242,20 @@ def test_matrices_without_a_block_get_adam_in_their_gradient_eigenbasis(shape):
                inv_update_steps=3, factor_dtype=F64, inv_dtype=F64, max_factor_dim=8)
     assert [b.name for b in opt.preconditioner.blocks] == ["head"]
     ref = MatrixAdamReference(model.mix, shape == "too-wide", 2, 3, lr=1e-2, wd=0.1)
-    for step in range(9):
+    for step in range(10):
         backward(model, step)
-        if step == 5:  # a steady-state step with a NaN gradient: nothing moves, nothing is read back
+        if step in (5, 6):  # NaN gradients: a steady-state step (nothing read back), a factor and basis step
             model.head.weight.grad[0, 0] = float("nan")
-            before = model.mix.detach().clone()
-            with no_host_reads():
+            before = [model.mix.detach().clone(), copy.deepcopy(opt.state[model.mix])]
+            with no_host_reads() if step == 5 else contextlib.nullcontext():
                 opt.step()
-            assert torch.equal(model.mix, before)
+            assert torch.equal(model.mix, before[0])
+            assert all(torch.equal(v, before[1][k]) for k, v in opt.state[model.mix].items() if torch.is_tensor(v))
             continue
         ref.step(step, model.mix.grad.clone())
         opt.step()
         torch.testing.assert_close(model.mix.detach(), ref.p, rtol=1e-10, atol=1e-12)
-    assert opt.preconditioner.stats["nonfinite_grad_steps"] == 1
+    assert opt.preconditioner.stats["nonfinite_grad_steps"] == 2
 
 
 @pytest.mark.parametrize("update,make", [("eigen-adam", net), ("adamw", net), ("eigen-adam", WithMatrix)],
@@ -283,6 +285,33 @@ def test_checkpoint_resumes_the_same_trajectory(update, make):
         opt_resumed.step()
     for p, q in zip(resumed.parameters(), whole.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_a_matrix_with_adamw_state_from_an_older_checkpoint_continues_from_it():
+    """A checkpoint saved when AdamW took a blockless matrix (its state: step and
+    parameter-shaped moments) loads, and the matrix's Adam continues from those moments (the
+    identity basis: the same coordinates) into the factors' basis at the next refresh."""
+    settings = dict(lr=1e-2, betas=BETAS, loss="cross_entropy", factor_update_steps=2, inv_update_steps=3,
+                    factor_dtype=F64, inv_dtype=F64)
+    model = WithMatrix()
+    opt = KFAC(model, **settings)
+    for step in range(2):
+        backward(model, step)
+        opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    index = next(i for i, p in enumerate(model.parameters()) if p is model.mix)
+    adamw_state = {k: state["state"][index][k] for k in ("step", "exp_avg", "exp_avg_sq")}
+    state["state"][index] = adamw_state
+    resumed = KFAC(model, **settings)
+    resumed.load_state_dict(state)
+    ref = MatrixAdamReference(model.mix, False, 2, 3, lr=1e-2, wd=0.0)
+    ref.m, ref.v, ref.count = adamw_state["exp_avg"].clone(), adamw_state["exp_avg_sq"].clone(), 2
+    ref.bases = {k: torch.eye(6, dtype=F64) for k in ("left", "right")}
+    for step in range(2, 5):
+        backward(model, step)
+        ref.step(step, model.mix.grad.clone())
+        resumed.step()
+        torch.testing.assert_close(model.mix.detach(), ref.p, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("update", ["eigen-adam", "adamw"])
