@@ -344,8 +344,8 @@ def profile(work: Workload, steps: int, block: int = 25) -> dict:
     """Where a default K-FAC step's time goes over the whole step budget (early refreshes
     included), next to AdamW on the same batches. The two alternate in blocks of ``block`` steps
     so that both see the same machine state; the phases are timed by wrapping the
-    preconditioner's methods (the remainder of ``step()`` is AdamW on the other parameters,
-    the parameter move and Python)."""
+    preconditioner's methods (the remainder of ``step()`` is the other parameters' update —
+    AdamW, or Adam in a blockless matrix's own gradient basis — the parameter move and Python)."""
     runs = {}
     for name in ("AdamW", "K-FAC"):
         model = work.make(0)
@@ -400,7 +400,7 @@ def profile_markdown(key: str, steps: int, result: dict) -> str:
             lines.append(f"| {label} | {adamw[label]:.2f} | {kfac[label]:.2f} |")
         else:
             lines.append(f"| &nbsp;&nbsp;{label} | | {kfac[label]:.2f} |")
-    lines.append(f"| &nbsp;&nbsp;rest: AdamW on other parameters, parameter move, Python | | "
+    lines.append(f"| &nbsp;&nbsp;rest: other parameters (AdamW; Adam in a blockless matrix's own basis), parameter move, Python | | "
                  f"{kfac['optimizer step'] - phases:.2f} |")
     lines.append(f"| **step total** | **{total_a:.2f}** | **{total_k:.2f}** ({total_k / total_a:.2f}x) |")
     return "\n".join(lines)

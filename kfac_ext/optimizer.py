@@ -148,8 +148,9 @@ class KFAC(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        schedule = dict(factor_due=self.preconditioner.is_factor_step(), basis_due=self.preconditioner.is_inverse_step(),
-                        decay=float(value(self.preconditioner.factor_decay, self.preconditioner.steps)))
+        precond = self.preconditioner
+        schedule = dict(factor_due=precond.is_factor_step(), basis_due=precond.is_inverse_step(),
+                        decay=float(value(precond.factor_decay, precond.steps)))
         finite = self.preconditioner.step()
         others = [p.grad for p in self._params() if p.grad is not None and id(p) not in self._block_params]
         ok = finite & self.preconditioner.topology.finite(others) if others else finite
