@@ -14,8 +14,10 @@ Protocol: every optimizer's learning rate is swept on a grid of five values a fa
 (:data:`GRIDS`), and for the Adam-based ones Adam's β2 on :data:`BETA2_GRIDS` (its default, 0.999,
 and the 0.95 language-model runs use: on these short runs it makes AdamW itself reach much lower
 losses, so a baseline tuned on lr alone would be a weak one), on seed 0; the target is the tuned
-AdamW's final validation loss at the step budget; each optimizer's pick then also runs on seeds
-1..``--seeds``-1 (``--quick``: lr only, default β2). Steps and seconds to
+AdamW's final validation loss at the step budget; the picks then run again on seeds
+0..``--seeds``-1 (``--quick``: lr only, default β2), all optimizers' runs of a seed interleaved
+step by step, so that their seconds meet the same machine state (on a shared machine, runs one
+after another were ±20-30 % apart in seconds). Steps and seconds to
 target are the first evaluation at or below the target (training wall-clock only: evaluation
 excluded), averaged over the seeds that reach it; ratios are against AdamW's. Every run sees
 the same initial weights and batches for a given seed.
@@ -222,30 +224,60 @@ def available_optimizers() -> list[str]:
 # ---- runs ------------------------------------------------------------------------------------
 
 
-def train(work: Workload, name: str, lr: float, seed: int, beta2: float | None = None) -> dict:
-    """One run; ``history`` rows are (step, training seconds, validation loss). A non-finite loss
-    ends the run (its validation loss is then inf). ``beta2``: Adam's, where not the default."""
-    model = work.make(seed)
-    opt = make_optimizer(name, model, lr, work.kfac_loss, beta2)
-    every = max(1, work.steps // work.evals)
-    history, seconds = [(0, 0.0, work.validate(model))], 0.0
-    for step in range(1, work.steps + 1):
-        x, y = work.batch(step, seed)
+class Run:
+    """One optimizer's run on a workload, stepped from outside: ``history`` rows are (step,
+    training seconds, validation loss). A non-finite loss ends it (validation loss inf)."""
+
+    def __init__(self, work: Workload, name: str, lr: float, seed: int, beta2: float | None = None):
+        self.work, self.name, self.lr, self.seed, self.beta2 = work, name, lr, seed, beta2
+        self.model = work.make(seed)
+        self.opt = make_optimizer(name, self.model, lr, work.kfac_loss, beta2)
+        self.every = max(1, work.steps // work.evals)
+        self.history, self.seconds, self.done = [(0, 0.0, work.validate(self.model))], 0.0, False
+
+    def step(self, step: int) -> None:
+        x, y = self.work.batch(step, self.seed)
         start = time.perf_counter()
-        opt.zero_grad()
-        loss = work.loss(model(x), x, y)
+        self.opt.zero_grad()
+        loss = self.work.loss(self.model(x), x, y)
         loss.backward()
-        opt.step()
+        self.opt.step()
         if x.is_cuda:
             torch.cuda.synchronize()  # the step's kernels belong to the step's time
-        seconds += time.perf_counter() - start
+        self.seconds += time.perf_counter() - start
         if not math.isfinite(loss.item()):
-            history.append((step, seconds, math.inf))
+            self.history.append((step, self.seconds, math.inf))
+            self.done = True
+        elif step % self.every == 0 or step == self.work.steps:
+            self.history.append((step, self.seconds, self.work.validate(self.model)))
+
+    def result(self) -> dict:
+        return dict(optimizer=self.name, lr=self.lr, beta2=self.beta2, seed=self.seed, history=self.history,
+                    final=self.history[-1][2], ms_per_step=1e3 * self.seconds / max(1, self.history[-1][0]))
+
+
+def train(work: Workload, name: str, lr: float, seed: int, beta2: float | None = None) -> dict:
+    """One run (training seconds only; ``beta2``: Adam's, where not the default)."""
+    run = Run(work, name, lr, seed, beta2)
+    for step in range(1, work.steps + 1):
+        if run.done:
             break
-        if step % every == 0 or step == work.steps:
-            history.append((step, seconds, work.validate(model)))
-    return dict(optimizer=name, lr=lr, beta2=beta2, seed=seed, history=history, final=history[-1][2],
-                ms_per_step=1e3 * seconds / max(1, history[-1][0]))
+        run.step(step)
+    return run.result()
+
+
+def train_interleaved(work: Workload, picks: list[tuple[str, float, float | None]], seed: int) -> list[dict]:
+    """The runs of ``picks`` (name, lr, beta2) in lockstep: step ``t`` of every optimizer, in an
+    order that rotates with ``t``, before step ``t + 1`` of any. Each one's seconds are its own
+    steps', but all of them meet the same machine state: on a shared machine a neighbour's load
+    no longer lands on whichever optimizer happened to run at the time."""
+    runs = [Run(work, name, lr, seed, beta2) for name, lr, beta2 in picks]
+    for step in range(1, work.steps + 1):
+        shift = step % len(runs)
+        for run in runs[shift:] + runs[:shift]:
+            if not run.done:
+                run.step(step)
+    return [run.result() for run in runs]
 
 
 def to_target(history: list, target: float) -> tuple[int | None, float | None]:
@@ -266,11 +298,15 @@ def run_workload(key: str, work: Workload, optimizers: list[str], seeds: int, pr
                 progress(f"{key} {name} lr={lr:g} beta2={beta2}")
     picks = {name: min(runs, key=lambda r: r["final"]) for name, runs in grid_runs.items()}
     target = picks["AdamW"]["final"]
+    # The picks again, every seed, interleaved step by step: the seconds compared side by side
+    # (the sweep's runs, one after another, saw whatever load the machine had at their time).
+    specs = [(name, picks[name]["lr"], picks[name]["beta2"]) for name in optimizers]
+    by_seed = [train_interleaved(work, specs, seed) for seed in range(seeds)]
+    progress(f"{key} picks interleaved, {seeds} seed(s)")
     rows = {}
-    for name in optimizers:
+    for k, name in enumerate(optimizers):
         pick = picks[name]
-        runs = [pick] + [train(work, name, pick["lr"], seed, pick["beta2"]) for seed in range(1, seeds)]
-        progress(f"{key} {name} seeds")
+        runs = [results[k] for results in by_seed]
         reached = [to_target(r["history"], target) for r in runs]
         hit = [(s, t) for s, t in reached if s is not None]
         rows[name] = dict(lr=pick["lr"], beta2=pick["beta2"], edge=pick["lr"] in (GRIDS[name][0], GRIDS[name][-1]),
@@ -278,7 +314,7 @@ def run_workload(key: str, work: Workload, optimizers: list[str], seeds: int, pr
                           reached=len(hit), seeds=len(runs),
                           steps_to_target=sum(s for s, _ in hit) / len(hit) if hit else None,
                           seconds_to_target=sum(t for _, t in hit) / len(hit) if hit else None,
-                          history=pick["history"])
+                          history=runs[0]["history"])
     grid = {name: [(r["lr"], r["beta2"], r["final"]) for r in runs] for name, runs in grid_runs.items()}
     return dict(target=target, rows=rows, grid=grid, steps=work.steps)
 
