@@ -179,9 +179,10 @@ class KFAC(torch.optim.Optimizer):
             if self.update == "adamw":
                 masked_adamw(with_grad, [self.state[p] for p in with_grad], ok, **adam)
                 continue
-            directed = [p for p in with_grad if id(p) in self._block_params and p.grad is not None]
-            plain = [p for p in with_grad if id(p) not in self._block_params and not self._matrix_adam.takes(p)]
-            matrices = [p for p in with_grad if id(p) not in self._block_params and self._matrix_adam.takes(p)]
+            directed = [p for p in with_grad if id(p) in self._block_params]
+            others = [p for p in with_grad if id(p) not in self._block_params]
+            matrices = [p for p in others if self._matrix_adam.takes(p)]
+            plain = [p for p in others if not self._matrix_adam.takes(p)]
             if matrices:
                 with flush_denormals():
                     self._matrix_adam(matrices, [self.state[p] for p in matrices], ok, **schedule)

@@ -115,8 +115,13 @@ def _by_device_and_dtype(params: list[Tensor], ok: Tensor) -> list[tuple[list[in
     groups = []
     for members in kinds.values():
         device = local(params[members[0]]).device
-        groups.append((members, (ok if ok.device == device else ok.to(device)).to(torch.float32)))
+        groups.append((members, on_device(ok, device).to(torch.float32)))
     return groups
+
+
+def on_device(flag: Tensor, device: torch.device) -> Tensor:
+    """The 0-d ``flag`` on ``device`` (a model split over devices), moved only if it is elsewhere."""
+    return flag if flag.device == device else flag.to(device)
 
 
 class EigenbasisAdam:
@@ -148,7 +153,7 @@ class EigenbasisAdam:
         for members in by_kind.values():
             states = [self._state_in_current_basis(blocks[i], grads[i]) for i in members]
             device = grads[members[0]].device
-            keep = finite if finite.device == device else finite.to(device)
+            keep = on_device(finite, device)
             out = self.inverses.ops.eigen_adam_(
                 [s["q_g"] for s in states], [grads[i].contiguous() for i in members], [s["q_a"] for s in states],
                 [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
@@ -215,16 +220,16 @@ class GradientBasisAdam:
         """Replaces each parameter's ``.grad`` by its Adam direction where the 0-d ``ok`` (on the
         device) is True; where not, no state changes and ``.grad`` stays as it was. Decided on the
         device, except on basis steps (which read the eigendecompositions' statuses anyway)."""
-        oks = {p.device: ok if ok.device == p.device else ok.to(p.device) for p in params}  # a model split over devices
-        grads = [self._oriented(p.grad, s, p) for p, s in zip(params, states)]
+        oks = {p.device: on_device(ok, p.device) for p in params}
+        grads = [self._oriented(p) for p in params]
         if factor_due:
             for p, g, s in zip(params, grads, states):
                 self._update_factors(g, s, oks[p.device], decay)
         refresh = basis_due and bool(ok)
-        for g, s in zip(grads, states):
+        for p, g, s in zip(params, grads, states):
             if "q_g" not in s:
-                self._start(g, s)
-            elif refresh and ("left" in s or "right" in s):
+                self._start(p, g, s)
+            elif refresh and "left" in s:  # factors exist (every factor update sets "left")
                 self._refresh_basis(s)
         for members in group_by(range(len(params)), lambda i: (params[i].dtype, params[i].device)).values():
             keep = oks[params[members[0]].device]
@@ -235,18 +240,22 @@ class GradientBasisAdam:
                                        self.eps)
             for i, d in zip(members, out):
                 grad = params[i].grad
-                grad.copy_(torch.where(keep, d.mT if states[i]["transposed"] else d, grad))
+                grad.copy_(torch.where(keep, d.mT if self._transposed(params[i]) else d, grad))
 
-    def _oriented(self, grad: Tensor, state: dict, p: Tensor) -> Tensor:
-        if "transposed" not in state:
-            state["transposed"] = p.shape[0] > self.max_dim
-        return grad.mT if state["transposed"] else grad
+    def _transposed(self, p: Tensor) -> bool:
+        return p.shape[0] > self.max_dim
+
+    def _oriented(self, p: Tensor) -> Tensor:
+        return p.grad.mT if self._transposed(p) else p.grad
+
+    def _rotates_right(self, oriented: Tensor) -> bool:
+        return oriented.shape[1] <= self.max_dim
 
     def _update_factors(self, grad: Tensor, state: dict, ok: Tensor, decay: float) -> None:
         """``L ← ρL + (1-ρ)∇∇ᵀ`` (and ``R``) where ``ok``; the first update sets them."""
         g = torch.where(ok, grad, 0.0)
         sides = {"left": g @ g.mT}
-        if g.shape[1] <= self.max_dim:
+        if self._rotates_right(g):
             sides["right"] = g.mT @ g
         weight = ok.to(g.dtype) * (1.0 - decay)
         for key, stat in sides.items():
@@ -255,21 +264,21 @@ class GradientBasisAdam:
             else:
                 state[key] = stat
 
-    def _start(self, grad: Tensor, state: dict) -> None:
+    def _start(self, p: Tensor, grad: Tensor, state: dict) -> None:
         """Moments in the identity basis: zeros, or AdamW's (a checkpoint saved when AdamW took
         this parameter: the same coordinates). Not the factors' basis yet: a basis from the
         factors of this one gradient would be its singular vectors, in which its off-diagonal
         coordinates are rounding noise that Adam's ``m̂ / (√v̂ + ε)`` blows up to ±1 (SOAP skips
         its first step for this)."""
-        if "exp_avg" in state:
-            moments = [state[k].mT if state["transposed"] else state[k] for k in ("exp_avg", "exp_avg_sq")]
+        if "exp_avg" in state:  # parameter-shaped
+            moments = [state[k].mT if self._transposed(p) else state[k] for k in ("exp_avg", "exp_avg_sq")]
             state["exp_avg"], state["exp_avg_sq"] = (m.contiguous() for m in moments)
         else:
             zeros = torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device)  # contiguous: grad may be a transpose
             state.update(step=torch.zeros((), dtype=torch.float32, device=grad.device), exp_avg=zeros,
                          exp_avg_sq=zeros.clone())
         state["q_g"] = _eye(grad.shape[0], grad)
-        state["q_a"] = _eye(grad.shape[1], grad) if grad.shape[1] <= self.max_dim else None
+        state["q_a"] = _eye(grad.shape[1], grad) if self._rotates_right(grad) else None
 
     def _refresh_basis(self, state: dict) -> None:
         """The factors' eigenbases, the moments carried into them; a failed eigendecomposition

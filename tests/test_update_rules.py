@@ -266,8 +266,7 @@ def test_checkpoint_resumes_the_same_trajectory(update, make):
     and AdamW's state travel with it)."""
     settings = dict(lr=1e-2, update=update, loss="cross_entropy", fisher_type="type-2", factor_dtype=F64,
                     inv_dtype=F64)
-    net = make  # noqa: F811 (the model builder of this case)
-    whole, first = net(), net()
+    whole, first = make(), make()
     opt_whole, opt_first = KFAC(whole, **settings), KFAC(first, **settings)
     for step in range(7):
         backward(whole, step)
@@ -276,7 +275,7 @@ def test_checkpoint_resumes_the_same_trajectory(update, make):
         backward(first, step)
         opt_first.step()
     state = copy.deepcopy(dict(model=first.state_dict(), optimizer=opt_first.state_dict()))
-    resumed = net()
+    resumed = make()
     opt_resumed = KFAC(resumed, **settings)
     resumed.load_state_dict(state["model"])
     opt_resumed.load_state_dict(state["optimizer"])
