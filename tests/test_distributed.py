@@ -535,7 +535,16 @@ def test_scenarios_match_golden(runs, golden, world, name):
     code before the preconditioner's split computed them (tests/golden.py)."""
     last = runs[0][world][name][0][-1]
     golden.check(f"world{world}-{name}", dict(params=last["params"], factors=last["factors"], stats=last["stats"]),
-                 computed_in=torch.bfloat16 if SCENARIOS[name].get("bf16") else None)
+                 computed_in=least_precise_dtype(SCENARIOS[name]))
+
+
+def least_precise_dtype(spec: dict) -> torch.dtype | None:
+    """bf16 forwards; Hugging Face's causal-LM loss casts the float64 model's logits to float32
+    (transformers/loss/loss_utils.py), so its gradients carry float32 rounding, which the
+    rounding of any float64 op upstream (a GEMM blocked another way) moves by ~1e-9."""
+    if spec.get("bf16"):
+        return torch.bfloat16
+    return torch.float32 if spec.get("model") == "gpt2" else None
 
 
 def _single_process_factors(records: list[dict], name: str, rows: list[slice], seeds: list[int]) -> list[dict]:

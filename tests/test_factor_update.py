@@ -15,7 +15,7 @@ from kfac_ext import ops
 OPS = ("factor_update",)
 
 ROWS = [1, 7, 256, 1000]
-DIMS = [1, 3, 17, 64, 65, 200]
+DIMS = [1, 3, 17, 64, 65, 200, 333]  # 200, 333: the CPU op's GEMM in 3 and 4 column panels
 X_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 FACTOR_DTYPES = [torch.float32, torch.float64]
 
@@ -139,8 +139,9 @@ def test_zero_rows_decays_only(device, factor_dtype, decay):
 
 
 @pytest.mark.parametrize("append_ones", [False, True])
-def test_zero_decay_drops_stale_nan_and_inf(device, append_ones):
-    d, rows = 17, 9
+@pytest.mark.parametrize("d", [17, 200])
+def test_zero_decay_drops_stale_nan_and_inf(device, append_ones, d):
+    rows = 9
     old, x = make_layer(rows, d, append_ones, torch.float32, torch.float32, device)
     factor = old.clone()
     factor[0, 0] = factor[3, 5] = factor[-1, -1] = float("nan")
