@@ -16,15 +16,15 @@ for how positions enter, ``kfac_approx``):
   user computes it.
 
 Every forward in train mode, with grad enabled, outside :meth:`Capture.pause`, during a
-factor-update step counts as one micro-batch. Each micro-batch's activations are reduced to
-per-block sums when the next one starts (or at ``step()``), so gradient accumulation holds one
-micro-batch of activations, not ``k`` (they are the layers' saved inputs: autograd holds them
-through the backward anyway), and the sums go straight into the factors
-(:meth:`~kfac_ext.curvature.Curvature.fold`), so no factor-sized sums are held either.
-Output-gradient rows, which autograd would free as the backward moves on, are reduced as soon as
-:data:`HELD_GRADIENT_BYTES` of them are pending, and the sampled backward's rest as it ends; a
-sampled backward's sums go into G as they are reduced (in one process; with several ranks, which
-fold in step, as it ends), so they are not held through the user's backward. With
+factor-update step counts as one micro-batch. A layer's inputs (the ones autograd saved for
+its backward) are reduced to ``Σ ā āᵀ`` once its backward has begun, with the output-gradient
+rows, which are reduced as soon as :data:`HELD_GRADIENT_BYTES` of rows and such inputs are
+pending (and a sampled backward's rest as it ends): autograd frees a layer's saved input when
+its backward has run, and none is kept beyond that. What no backward reached is reduced when
+the next micro-batch starts (or at ``step()``). A micro-batch's sums go into the factors
+(:meth:`~kfac_ext.curvature.Curvature.fold`) when the next one starts, and a sampled backward's
+as they are reduced (in one process; with several ranks, which fold in step, as it ends), so
+they are not held through the user's backward. With
 ``grad_accumulation_steps=k`` the micro-batch losses are assumed divided by ``k`` (the usual
 recipe; it matters for "empirical").
 
@@ -225,7 +225,8 @@ class Capture:
         """Drops the pending micro-batch and this step's statistics."""
         self.pending_a: dict[str, list[Tensor]] = {}  # this micro-batch's inputs, by block
         self.pending_g: dict[str, list[tuple[Tensor, float | Tensor]]] = {}  # its gradient rows and weights
-        self._pending_g_bytes = 0
+        self._backward_began: dict[str, None] = {}  # blocks in pending_a whose backward has begun
+        self._held_bytes = 0  # of pending_g, and of the inputs of the blocks above
         self._gradients_seen = False  # whether this micro-batch's backward has begun (for "empirical")
         self.statistics = Statistics(max_rows=self.settings.factor_rows)
         self.taps: list[GradientEdge] = []  # this forward's block outputs, for the sampled backward
@@ -300,9 +301,19 @@ class Capture:
         for block, cols in pairs:
             rows = block.output_grad_rows(grad[..., cols] if cols is not None else grad)
             self.pending_g.setdefault(block.name, []).append((rows, weight))
-            self._pending_g_bytes += rows.nbytes
-        if self.held_gradient_bytes is not None and self._pending_g_bytes >= self.held_gradient_bytes:
-            self._reduce_gradients()
+            self._held_bytes += rows.nbytes
+        self._hold_inputs_of([block for block, _ in pairs])
+        if self.held_gradient_bytes is not None and self._held_bytes >= self.held_gradient_bytes:
+            self._reduce_held()
+
+    def _hold_inputs_of(self, blocks: list[Block]) -> None:
+        """The inputs of ``blocks``, whose backward has begun, are reduced with the held gradient
+        rows: autograd frees what it saved for a layer once the layer's backward has run, and a
+        reference kept until step() would hold every layer's input through the whole backward."""
+        held = {id(x): x.nbytes for block in blocks if block.name not in self._backward_began
+                for x in self.pending_a.get(block.name, ())}
+        self._backward_began.update((block.name, None) for block in blocks if block.name in self.pending_a)
+        self._held_bytes += sum(held.values())
 
     def _empirical_weight(self) -> float | Tensor:
         # Hooks see h = ∂L/∂s of the loss the backward ran on; per-term g = k·s·h (s = M for
@@ -349,8 +360,8 @@ class Capture:
         finally:
             self._g_weight = None
         if self.held_gradient_bytes is not None:  # neither rows nor sums held through the user's backward
-            self._reduce_gradients()
-            self._fold(self.statistics, ("g",))
+            self._reduce_held()
+            self._fold(self.statistics, ("a", "g"))
 
     def _warn_batch_shared(self) -> None:
         """Blocks whose output had one row in a forward where other blocks' had ``N > 1`` (GPT-2's
@@ -379,21 +390,22 @@ class Capture:
             self.pending_a = {}  # a forward no backward followed (e.g. for logging): no statistics
             self.statistics.forwards = max(0, self.statistics.forwards - 1)
             return
-        a_items = [(self._by_name[name], xs) for name, xs in self.pending_a.items()]
-        self.pending_a = {}
+        self._backward_began = dict.fromkeys(self.pending_a)
         self._gradients_seen = False
+        self._reduce_held()
+
+    def _reduce_held(self) -> None:
+        """Reduces the pending output-gradient rows to ``Σ w g gᵀ``, and the inputs of the blocks
+        whose backward has begun to ``Σ ā āᵀ`` (each block's rows of the micro-batch at once: a
+        mean over a forward's rows cannot be folded in parts)."""
+        a_items = [(self._by_name[name], self.pending_a.pop(name)) for name in self._backward_began]
+        g_items = [(self._by_name[name], chunks) for name, chunks in self.pending_g.items()]
+        self.pending_g, self._backward_began, self._held_bytes = {}, {}, 0
         self._set_phase()
         self.statistics.add_activations(a_items, self.ops, self.settings.factor_dtype)
-        self._reduce_gradients()
-
-    def _reduce_gradients(self) -> None:
-        """Reduces the pending output-gradient rows to ``Σ w g gᵀ``."""
-        g_items = [(self._by_name[name], chunks) for name, chunks in self.pending_g.items()]
-        self.pending_g, self._pending_g_bytes = {}, 0
-        self._set_phase()
         self.statistics.add_gradients(g_items, self.ops, self.settings.factor_dtype)
-        if self._g_weight is not None and self._fold_gradient_parts:  # in a sampled backward
-            self._fold(self.statistics, ("g",))
+        if self._fold_gradient_parts:  # one process: no sums held through the rest of the backward
+            self._fold(self.statistics, ("a", "g"))
 
     def _set_phase(self) -> None:
         # the strided row subset moves on with every micro-batch (and resumes from a checkpoint)

@@ -314,7 +314,7 @@ MUTATIONS = [
        [f"{T_REAL}::test_bert_sequence_classification"],
        "the sampled backward aimed at the first block output only: blocks on other branches get no G"),
     _m("held-gradient-rows-never-reduced", "capture.py",
-       "        if self.held_gradient_bytes is not None and self._pending_g_bytes >= self.held_gradient_bytes:",
+       "        if self.held_gradient_bytes is not None and self._held_bytes >= self.held_gradient_bytes:",
        "        if False:",
        [f"{T_LAYERS}::test_gradient_rows_are_reduced_as_the_backward_goes"],
        "every output-gradient row held until the micro-batch ends"),

@@ -701,9 +701,10 @@ def test_folded_micro_batches_weigh_what_they_hold(case):
 def test_gradient_rows_are_reduced_as_the_backward_goes(fisher_type):
     """Output-gradient rows are not held to the end of the micro-batch: past
     ``held_gradient_bytes`` of them they are reduced (after every hook here, with a 1-byte
-    budget), and a sampled backward's rest as it ends — by default too; a sampled backward's
-    sums go into G at once, so none are held through the user's backward either. The factors
-    equal those of every row held until step() (float64)."""
+    budget), with the inputs of the layers whose backward has begun, and a sampled backward's
+    rest as it ends — by default too; a sampled backward's sums go into A and G at once, so none
+    are held through the user's backward either. The factors equal those of every row held
+    until step() (float64)."""
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     x, y = torch.randn(16, 3, dtype=F64), torch.randint(0, 2, (16,))
@@ -724,11 +725,14 @@ def test_gradient_rows_are_reduced_as_the_backward_goes(fisher_type):
         sampled = precond.capture.fisher.samples
         if sampled:  # the sampled backward ran in the forward
             assert bool(precond.capture.pending_g) == (held is None)
-            assert not precond.capture.statistics.g_sum
+            assert bool(precond.capture.pending_a) == (held is None)  # the inputs too, with the rows
+            assert not precond.capture.statistics.g_sum and not precond.capture.statistics.a_sum
             if held == 1:
                 assert sums_held and not any(sums_held)  # each part of G went in as it was reduced
         loss.backward()
         assert bool(precond.capture.pending_g) == (held is None or held == "default" and not sampled)
+        # no layer's input kept past its backward, once the budget is spent
+        assert bool(precond.capture.pending_a) == (held is None or held == "default" and not sampled)
         precond.step()
         factors.append(precond.factors())
         precond.remove_hooks()

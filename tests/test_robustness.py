@@ -18,7 +18,7 @@ from torch import nn
 
 from kfac_ext import KFAC, KFACPreconditioner
 from kfac_ext.inverse import tensors
-from kfac_ext.util import flush_denormals
+from kfac_ext.util import OWN_PASS_ELEMENTS, all_finite, flush_denormals
 
 
 def mlp() -> nn.Module:
@@ -60,6 +60,27 @@ def assert_same(left, right) -> None:
 
 def kfac_messages(record) -> list[str]:
     return [str(w.message) for w in record if "KFACPreconditioner" in str(w.message)]
+
+
+# ---- the finiteness flag -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("numel", [7, OWN_PASS_ELEMENTS + 3], ids=["small", "large"])
+def test_all_finite_is_exact(dtype, numel):
+    """Finite however large the values (their squares overflow the dtype: no false alarm that
+    would skip every step), and not finite with one NaN, +inf or -inf anywhere, whichever of the
+    two passes (one norm call for small tensors, min / max for large ones) checks the tensor."""
+    huge = torch.finfo(dtype).max
+    tensors = [torch.full((numel,), huge, dtype=dtype), torch.full((3, 5), -huge, dtype=dtype).t(),
+               torch.zeros(0, dtype=dtype), torch.randn(numel).to(dtype)]
+    assert bool(all_finite(tensors))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for which in (0, 1, 3):
+            broken = [t.clone() for t in tensors]
+            broken[which][-1, ...] = bad
+            assert not bool(all_finite(broken)), (bad, which)
+    assert bool(all_finite([torch.zeros(0, dtype=dtype)]))
 
 
 # ---- non-finite activations ----------------------------------------------------------------
