@@ -22,9 +22,10 @@ rows, which are reduced as soon as :data:`HELD_GRADIENT_BYTES` of rows and such 
 pending (and a sampled backward's rest as it ends): autograd frees a layer's saved input when
 its backward has run, and none is kept beyond that. What no backward reached is reduced when
 the next micro-batch starts (or at ``step()``). A micro-batch's sums go into the factors
-(:meth:`~kfac_ext.curvature.Curvature.fold`) when the next one starts, and a sampled backward's
-as they are reduced (in one process; with several ranks, which fold in step, as it ends), so
-they are not held through the user's backward. With
+(:meth:`~kfac_ext.curvature.Curvature.fold`) when the next one starts, a sampled backward's as
+they are reduced (in one process; with several ranks, which fold in step, as it ends), so they
+are not held through the user's backward, and in one process the user's backward's once
+:data:`HELD_SUM_BYTES` of them are held. With
 ``grad_accumulation_steps=k`` the micro-batch losses are assumed divided by ``k`` (the usual
 recipe; it matters for "empirical").
 
@@ -54,6 +55,9 @@ from .util import warn_once
 #: the most bytes of output-gradient rows held before they are reduced: small layers' rows are
 #: still reduced together (one native call), and a large model's backward never holds all of them
 HELD_GRADIENT_BYTES = 4 * 2**20
+#: the most bytes of reduced sums held (in one process) before they go into the factors: a fold
+#: costs a few small ops per block, so a small model's sums wait for step()
+HELD_SUM_BYTES = 4 * 2**20
 
 # ---- the Fisher types ------------------------------------------------------------------------
 
@@ -404,8 +408,9 @@ class Capture:
         self._set_phase()
         self.statistics.add_activations(a_items, self.ops, self.settings.factor_dtype)
         self.statistics.add_gradients(g_items, self.ops, self.settings.factor_dtype)
-        if self._fold_gradient_parts:  # one process: no sums held through the rest of the backward
-            self._fold(self.statistics, ("a", "g"))
+        in_sampled_backward = self._g_weight is not None
+        if self._fold_gradient_parts and (in_sampled_backward or self.statistics.held_bytes() >= HELD_SUM_BYTES):
+            self._fold(self.statistics, ("a", "g"))  # one process: not held through the rest of the backward
 
     def _set_phase(self) -> None:
         # the strided row subset moves on with every micro-batch (and resumes from a checkpoint)

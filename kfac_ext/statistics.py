@@ -36,6 +36,9 @@ class Statistics:
     def holds_sums(self) -> bool:
         return bool(self.a_sum or self.g_sum)
 
+    def held_bytes(self) -> int:
+        return sum(t.nbytes for t in self.a_sum.values()) + sum(t.nbytes for t in self.g_sum.values())
+
     def take(self, kind: str) -> tuple[dict[str, Tensor], dict[str, int] | None, dict[str, int]]:
         """The ``kind`` sums (``"a"``: ``Σ ā āᵀ``, with their row counts; ``"g"``: ``Σ w g gᵀ``,
         None) and how many forwards each covers, handed over (the statistics keep counting

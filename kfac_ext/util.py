@@ -45,7 +45,7 @@ doubling = Doubling
 
 
 #: elements from which a tensor's finiteness is checked by its own min / max pass
-OWN_PASS_ELEMENTS = 1 << 18
+OWN_PASS_ELEMENTS = 1 << 14
 
 
 def all_finite(tensors: list[Tensor]) -> Tensor:

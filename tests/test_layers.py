@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kfac_ext.capture
 from kfac_ext import KFAC, KFACPreconditioner
 from kfac_ext.layers import find_blocks
 from kfac_ext.losses import make_loss
@@ -695,6 +696,33 @@ def test_folded_micro_batches_weigh_what_they_hold(case):
     stats = precond.stats
     assert stats["factor_updates"] == 2  # the second step's finite micro-batches went in
     assert stats["skipped_factor_updates"] == 1 - ok  # the step with a NaN, skipped
+
+
+@pytest.mark.parametrize("factor_decay", [0.95, 0.0])
+def test_the_users_backward_folds_its_sums_past_the_budget(monkeypatch, factor_decay):
+    """Empirical factors in one process: once ``HELD_SUM_BYTES`` of A and G sums are held in the
+    user's backward they go into the factors, not held to step(); below it (a small model's
+    sums, by default) they wait for step(). The factors are the same either way (float64, two
+    steps: the second folds into the old factors)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    batches = [(torch.randn(16, 3, dtype=F64), torch.randint(0, 2, (16,))) for _ in range(2)]
+    factors = []
+    for budget in (kfac_ext.capture.HELD_SUM_BYTES, 1):
+        monkeypatch.setattr(kfac_ext.capture, "HELD_SUM_BYTES", budget)
+        precond = KFACPreconditioner(model, "cross_entropy", fisher_type="empirical", factor_dtype=F64,
+                                     factor_decay=factor_decay)
+        precond.capture.held_gradient_bytes = 1  # every hook's rows (and inputs) reduced at once
+        for x, y in batches:
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            assert precond.capture.statistics.holds_sums() == (budget > 1)
+            precond.step()
+        factors.append(precond.factors())
+        precond.remove_hooks()
+    for name in factors[0]:
+        for held, folded in zip(factors[0][name], factors[1][name]):
+            torch.testing.assert_close(folded, held, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("fisher_type", ["mc", "type-2", "empirical"])
