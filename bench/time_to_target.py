@@ -30,7 +30,7 @@ it); on request (``--optimizers``), ``K-FAC sgd`` (SGD + KL clip, the pre-2026-1
 
     python bench/time_to_target.py [--quick] [--workloads a,b] [--optimizers a,b] [--seeds N]
 
-About 11 (Intel Xeon) to 20 (AMD EPYC) minutes on 2 CPU cores (``--quick``: 1-1.5 minutes). Writes
+About 11 (Intel Xeon) to 22 (AMD EPYC) minutes on 2 CPU cores (``--quick``: 1-1.5 minutes). Writes
 ``time_to_target.json`` and ``time_to_target.png`` (validation loss vs training seconds and vs
 steps, each optimizer's pick on seed 0) under ``--out`` and prints Markdown tables.
 """
@@ -368,9 +368,11 @@ def plot(results: dict, path: Path) -> None:
 
 # ---- profile ---------------------------------------------------------------------------------
 
+#: on factor steps K-FAC's hooks reduce the layers' inputs and output gradients to A and G sums in the backward
+FORWARD_BACKWARD = "forward + backward (K-FAC: with capture hooks, the factor GEMMs on factor steps)"
 KFAC_PHASES = {  # KFACPreconditioner phase -> what it does under the default rule
     "gradients": "gather gradients [W, b], finiteness flag",
-    "update_curvature": "factor update: reduce captured rows (GEMMs), moving average",
+    "update_curvature": "factor update: rows no backward reduced yet (GEMMs), moving average",
     "update_inverses": "eigendecompositions of A and G",
     "write_directions": "rotate, Adam in the eigenbasis (moments into a new basis), rotate back, write .grad",
 }
@@ -386,7 +388,7 @@ def profile(work: Workload, steps: int, block: int = 25) -> dict:
     for name in ("AdamW", "K-FAC"):
         model = work.make(0)
         opt = make_optimizer(name, model, 1e-3, work.kfac_loss)
-        timers = dict.fromkeys(["forward + backward (K-FAC: with capture hooks)", "optimizer step"], 0.0)
+        timers = dict.fromkeys([FORWARD_BACKWARD, "optimizer step"], 0.0)
         if name == "K-FAC":
             for attr, label in KFAC_PHASES.items():
                 owner = opt.preconditioner.topology if attr == "gradients" else opt.preconditioner
@@ -404,7 +406,7 @@ def profile(work: Workload, steps: int, block: int = 25) -> dict:
                 t1 = time.perf_counter()
                 run["opt"].step()
                 _sync(x)
-                run["timers"]["forward + backward (K-FAC: with capture hooks)"] += t1 - t0
+                run["timers"][FORWARD_BACKWARD] += t1 - t0
                 run["timers"]["optimizer step"] += time.perf_counter() - t1
     return {name: {k: 1e3 * v / steps for k, v in run["timers"].items()} for name, run in runs.items()}
 
