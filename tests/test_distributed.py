@@ -539,9 +539,10 @@ def test_scenarios_match_golden(runs, golden, world, name):
 
 
 def least_precise_dtype(spec: dict) -> torch.dtype | None:
-    """bf16 forwards; Hugging Face's causal-LM loss casts the float64 model's logits to float32
-    (transformers/loss/loss_utils.py), so its gradients carry float32 rounding, which the
-    rounding of any float64 op upstream (a GEMM blocked another way) moves by ~1e-9."""
+    """The least precise dtype a scenario's results went through: bfloat16 for bf16 forwards;
+    float32 for GPT-2, whose Hugging Face causal-LM loss casts the float64 model's logits to
+    float32 (transformers/loss/loss_utils.py), so that the rounding of any float64 op upstream
+    (a GEMM blocked another way) moves its results by ~1e-9."""
     if spec.get("bf16"):
         return torch.bfloat16
     return torch.float32 if spec.get("model") == "gpt2" else None

@@ -22,8 +22,9 @@ constexpr int64_t kMaxPanels = 4;
 // block <- decay block + scale xᵀx on and above the diagonal (below it: whatever was there,
 // for mirror_upper to overwrite). BLAS has no symmetric product that ATen exposes, so wide
 // blocks go as column panels j: block[:j1, j0:j1] from x[:, :j1]ᵀ x[:, j0:j1] — 5/8 of the
-// full GEMM's work with four panels, measured 1.2-1.5x faster at d = 256-1024 over 2048 rows,
-// while panels narrower than 64 columns lose more in GEMM efficiency than they save.
+// full GEMM's work with four panels, measured 1.2-1.7x faster at d = 192-1024 over 2048 rows
+// (bench/RESULTS.md), while panels narrower than 64 columns lose more in GEMM efficiency than
+// they save.
 void add_upper_gram(const at::Tensor& block, const at::Tensor& x, double decay, double scale) {
   const int64_t d = x.size(1);
   const int64_t panels = std::clamp<int64_t>(d / kMinPanelWidth, 1, kMaxPanels);
