@@ -184,7 +184,7 @@ class CaptureSettings:
     grad_accumulation_steps: int
     factor_dtype: torch.dtype
     grad_scaler: Any
-    factor_rows: int | None = None
+    factor_rows: int | str | None = None
 
 
 class Capture:

@@ -51,7 +51,9 @@ class KFAC(torch.optim.Optimizer):
       Its factors are the empirical ones (``fisher_type="empirical"``: the training backward's
       own gradients, no extra backward), updated at steps 0, 1, 2, 4, then every 5
       (``factor_update_steps``), the basis at 0, 1, 2, 4, ..., 32, then every 50
-      (``inv_update_steps``): the moments keep the step fresh in between.
+      (``inv_update_steps``): the moments keep the step fresh in between. A factor ``d`` wide
+      takes at most about ``4d`` rows (tokens, pixels) of a micro-batch, at least 1024
+      (``factor_rows="auto"``); the factors' moving average is debiased (``debias_factors``).
     * ``"adamw"``: the K-FAC direction ``(G ⊗ A + damping)⁻¹ ∇W̄`` fed to AdamW with every other
       parameter's gradient (Monte Carlo factors at 0, 1, 2, 4, 8, then every 10 steps, inverses
       at 0, 1, 2, ..., 64, then every 100).
@@ -126,7 +128,8 @@ class KFAC(torch.optim.Optimizer):
         self._matrix_adam = None
         if update == "eigen-adam":
             self._matrix_adam = GradientBasisAdam(self.preconditioner.inverses.ops, betas, eps,
-                                                  self.preconditioner.max_factor_dim)
+                                                  self.preconditioner.max_factor_dim,
+                                                  self.preconditioner.curvature.debias)
         self.adaptive_damping = adaptive_damping
         self.adaptive_damping_interval = adaptive_damping_interval
         self._damping = AdaptiveDamping(self.preconditioner, adaptive_damping_interval) if adaptive_damping else None
@@ -259,6 +262,11 @@ def _preconditioner_defaults(update: str) -> dict[str, Any]:
         # The eigenbases, undamped (Adam's eps plays the damping's part), of the empirical
         # factors: the gradients of the training backward itself (no sampled backward), as SOAP
         # uses; Adam's moments correct the scale a basis from them gets wrong.
+        # A factor d wide takes at most ~4d rows of a micro-batch (at least 1024): more rows of
+        # the same sequences or images sharpen it little and cost GEMM time on every factor step.
+        # Debiased factors: the bases of the first ~100 steps are not held to the statistics of
+        # the initial weights.
         return dict(kl_clip=None, fisher_type="empirical", factor_update_steps=doubling(5),
-                    inv_update_steps=doubling(50), inversion="eigen", damping_mode="eigen")
+                    inv_update_steps=doubling(50), inversion="eigen", damping_mode="eigen", factor_rows="auto",
+                    debias_factors=True)
     return dict(kl_clip=None, factor_update_steps=doubling(10), inv_update_steps=doubling(100))

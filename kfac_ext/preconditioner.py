@@ -81,6 +81,11 @@ class KFACPreconditioner:
         damping, factor_decay, factor_update_steps, inv_update_steps, lr, kl_clip: a number or a
             callable of the step. ``kl_clip`` rescales the update so that ``lr² Σ ⟨v, g⟩ <=
             kl_clip``; ``"auto"`` (default) is 1e-3 when ``lr`` is known, else off; None is off.
+        debias_factors: the factors as the moving average normalized by the weight each has
+            gathered (Adam's bias correction, :class:`~kfac_ext.curvature.Curvature`): the
+            first steps' statistics, from the initial weights, do not outweigh later ones (False:
+            the first update sets a factor and later ones keep ``ρ`` of it; the default of
+            ``KFAC(update="eigen-adam")`` is True).
         grad_accumulation_steps: micro-batches (forward + backward) per ``step()``. With ``k > 1``
             each micro-batch goes into the factors as the next begins (no factor-sized sums are
             held): its mean weighs ``(1-ρ)/k``, the old factor ``ρ``, and ``step()`` divides by
@@ -89,8 +94,11 @@ class KFACPreconditioner:
             a micro-batch with a non-finite activation or output gradient is left out.
         factor_rows: at most about this many rows (tokens, pixels, examples) of each block's
             micro-batch enter its factor sums: every ``k``-th row, from an offset that moves on
-            with every factor update, the sum rescaled to all rows (unbiased). The factor GEMMs'
-            cost falls by ``k``; None (default) takes every row.
+            with every factor update, the sum rescaled to all rows (unbiased); ``k`` shares no
+            divisor with the row count, so that every position of an example is taken alike.
+            The factor GEMMs' cost falls by ``k``. ``"auto"``: about ``4d`` rows for a factor
+            ``d`` wide, at least 1024 (the default of ``KFAC(update="eigen-adam")``); None
+            (default) takes every row.
         factor_dtype, inv_dtype: float32 or float64 (activations may be bf16/fp16).
         grad_scaler: the ``torch.amp.GradScaler`` scaling your backward: ``"empirical"`` factors
             are unscaled, overflowing steps are left to it, and the statistics of a step it
@@ -127,12 +135,13 @@ class KFACPreconditioner:
         damping_mode: str = "tikhonov",
         damping: Schedule = 1e-3,
         factor_decay: Schedule = 0.95,
+        debias_factors: bool = False,
         factor_update_steps: Schedule = 1,
         inv_update_steps: Schedule = 10,
         lr: Schedule | None = None,
         kl_clip: Schedule | str | None = "auto",
         grad_accumulation_steps: int = 1,
-        factor_rows: int | None = None,
+        factor_rows: int | str | None = None,
         factor_dtype: torch.dtype = torch.float32,
         inv_dtype: torch.dtype = torch.float32,
         grad_scaler: torch.amp.GradScaler | None = None,
@@ -179,7 +188,7 @@ class KFACPreconditioner:
         self.stats = dict(dict.fromkeys(COUNTERS, 0), kl_clip_scale=1.0)
         self._warned: set[str] = set()
         ops = native_ops if backend == "native" else reference_ops
-        self.curvature = Curvature()
+        self.curvature = Curvature(debias=debias_factors)
         self.inverses = Inverses(ops, inversion, inversion == "cholesky" or damping_mode != "eigen", inv_dtype)
         settings = CaptureSettings(make_fisher(fisher_type, mc_samples), self.loss, self.reduction, output_fn,
                                    loss_mask_fn, grad_accumulation_steps, factor_dtype, grad_scaler, factor_rows)
@@ -402,6 +411,7 @@ class KFACPreconditioner:
             steps=self.steps,
             stats=dict(self.stats),
             factors=self.curvature.state(),
+            factor_weights=dict(self.curvature.weights),
             inverses=self.inverses.state(),
             generator=self.generator.get_state(),
             damping=self.damping if not callable(self.damping) else None,
@@ -424,7 +434,7 @@ class KFACPreconditioner:
 
         self.steps = state["steps"]
         self.stats = {name: state["stats"].get(name, count) for name, count in self.stats.items()}  # not retired ones
-        self.curvature.load(state["factors"], move)
+        self.curvature.load(state["factors"], move, state.get("factor_weights"))
         self.inverses.load(state["inverses"], move)
         _load_generator(self.generator, state["generator"])
         self.topology.after_generator_load(self.generator, state, self.seed)

@@ -28,8 +28,8 @@ def validate(fisher_type, kfac_approx, inversion, damping_mode, backend, factor_
             raise ValueError(f"{name} must be torch.float32 or torch.float64, got {dtype}")
     if mc_samples < 1 or grad_accumulation_steps < 1:
         raise ValueError("mc_samples and grad_accumulation_steps must be >= 1")
-    if factor_rows is not None and (not isinstance(factor_rows, int) or factor_rows < 1):
-        raise ValueError(f"factor_rows must be None or an int >= 1, got {factor_rows!r}")
+    if factor_rows not in (None, "auto") and (not isinstance(factor_rows, int) or factor_rows < 1):
+        raise ValueError(f"factor_rows must be None, 'auto' or an int >= 1, got {factor_rows!r}")
 
 
 def make_checked_loss(loss, reduction: str, fisher_type: str) -> Loss | None:

@@ -5,6 +5,7 @@ one micro-batch of activations, not all of them)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import Tensor
@@ -13,6 +14,10 @@ from .layers import Block
 from .util import batched_by_bytes, group_by
 
 FLUSH_BYTES = 256 * 2**20  # activation rows materialised at once when reducing a micro-batch
+#: ``factor_rows="auto"``: a factor ``d`` wide takes at most about ``ROWS_PER_WIDTH · d`` rows of a
+#: micro-batch, and never fewer than ``AUTO_MIN_ROWS``
+ROWS_PER_WIDTH = 4
+AUTO_MIN_ROWS = 1024
 
 
 @dataclasses.dataclass
@@ -27,8 +32,9 @@ class Statistics:
     #: output-gradient rows may reach it in parts: they count once)
     covered: dict[str, dict[str, int]] = dataclasses.field(default_factory=lambda: {"a": {}, "g": {}})
     forwards: int = 0
-    #: at most about this many rows of a block's micro-batch enter its sums (None: all of them)
-    max_rows: int | None = None
+    #: at most about this many rows of a block's micro-batch enter its sums (None: all of them;
+    #: "auto": a number per factor width, :meth:`row_budget`)
+    max_rows: int | str | None = None
     #: which of the strided subsets :meth:`subsample` takes (advanced by the caller, per reduction)
     phase: int = 0
     _last_forward: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict, repr=False)
@@ -59,15 +65,28 @@ class Statistics:
             self._last_forward[kind, name] = self.forwards
             self.covered[kind][name] = self.covered[kind].get(name, 0) + 1
 
-    def subsample(self, rows: Tensor) -> tuple[Tensor, float]:
-        """Every ``k``-th row from offset ``phase mod k`` (``k = ⌈N / max_rows⌉``) and ``N / n``,
-        the factor that keeps a sum over them an unbiased estimate of the sum over all ``N``:
-        successive reductions walk through every offset, and a stride, unlike a random pick,
-        needs no generator and is reproducible from the factor-update count alone."""
-        n = rows.shape[0]
-        if self.max_rows is None or n <= self.max_rows:
+    def row_budget(self, width: int | None) -> int | None:
+        """How many rows of a micro-batch a factor ``width`` wide takes at most (None: all; a
+        ``width`` of None: a sum without a GEMM, e.g. an embedding's counts, which "auto" keeps
+        whole)."""
+        if self.max_rows != "auto":
+            return self.max_rows
+        return None if width is None else max(AUTO_MIN_ROWS, ROWS_PER_WIDTH * width)
+
+    def subsample(self, rows: Tensor, width: int | None) -> tuple[Tensor, float]:
+        """Every ``k``-th row from offset ``phase mod k`` and ``N / n``, the factor that keeps a sum
+        over them an unbiased estimate of the sum over all ``N``: successive reductions walk
+        through every offset, and a stride, unlike a random pick, needs no generator and is
+        reproducible from the factor-update count alone. ``k`` is the least stride from
+        ``⌈N / budget⌉`` with no divisor in common with ``N``: rows are (example, position)
+        pairs, and a stride that divides the positions per example (4 of a 4x4 feature map's 16)
+        would take the same positions of every example."""
+        n, budget = rows.shape[0], self.row_budget(width)
+        if budget is None or n <= budget:
             return rows, 1.0
-        stride = -(-n // self.max_rows)
+        stride = -(-n // budget)
+        while math.gcd(stride, n) != 1:
+            stride += 1
         picked = rows[self.phase % stride::stride].contiguous()
         return picked, n / picked.shape[0]
 
@@ -85,7 +104,8 @@ class Statistics:
                     self.a_rows[block.name] = self.a_rows.get(block.name, 0) + count
                     same_rows.append((block, first))
                 continue
-            rows, _ = self.subsample(_cat([block.activation_rows(x) for x in xs]))  # the count says how many
+            width = None if block.a_diagonal else block.a_dim
+            rows, _ = self.subsample(_cat([block.activation_rows(x) for x in xs]), width)  # the count says how many
             firsts[key] = (block, rows.shape[0])
             if rows.shape[0] == 0:  # e.g. an expert no token was routed to
                 continue
@@ -110,7 +130,7 @@ class Statistics:
     def add_gradients(self, items: list[tuple[Block, list[tuple[Tensor, float | Tensor]]]], ops, dtype: torch.dtype
                       ) -> None:
         """Adds ``Σ w g gᵀ`` of each block's gradient rows and their weights."""
-        work = [(block, self._subsampled(*_weighted_cat(chunks))) for block, chunks in items]
+        work = [(block, self._subsampled(*_weighted_cat(chunks), block.g_dim)) for block, chunks in items]
         work = [(block, (g, w)) for block, (g, w) in work if g.shape[0] > 0]
         for batch in batched_by_bytes(work, lambda item: item[1][0].nbytes, FLUSH_BYTES):
             sums = [torch.empty(b.g_dim, b.g_dim, dtype=dtype, device=g.device) for b, (g, _) in batch]
@@ -119,8 +139,8 @@ class Statistics:
             for (block, (_, w)), total in zip(batch, sums):
                 self._add("g", block.name, total.mul_(w) if isinstance(w, Tensor) else total)
 
-    def _subsampled(self, rows: Tensor, weight: float | Tensor) -> tuple[Tensor, float | Tensor]:
-        rows, scale = self.subsample(rows)
+    def _subsampled(self, rows: Tensor, weight: float | Tensor, width: int) -> tuple[Tensor, float | Tensor]:
+        rows, scale = self.subsample(rows, width)
         return rows, weight if scale == 1.0 else weight * scale
 
 

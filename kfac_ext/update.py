@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from .curvature import debiased_decay
 from .fsdp import local
 from .inverse import EigenPair
 from .ops import Status
@@ -208,8 +209,8 @@ class GradientBasisAdam:
     transposed, so that the rotated side is the op's first. Float32 and float64 parameters (the
     dtype of their factors and moments) that FSDP2 does not shard: :meth:`takes`."""
 
-    def __init__(self, ops, betas: tuple[float, float], eps: float, max_dim: int):
-        self.ops, self.betas, self.eps, self.max_dim = ops, betas, eps, max_dim
+    def __init__(self, ops, betas: tuple[float, float], eps: float, max_dim: int, debias: bool = False):
+        self.ops, self.betas, self.eps, self.max_dim, self.debias = ops, betas, eps, max_dim, debias
 
     def takes(self, p: Tensor) -> bool:
         return (p.dim() == 2 and not isinstance(p, DTensor) and p.dtype in (torch.float32, torch.float64)
@@ -252,12 +253,20 @@ class GradientBasisAdam:
         return oriented.shape[1] <= self.max_dim
 
     def _update_factors(self, grad: Tensor, state: dict, ok: Tensor, decay: float) -> None:
-        """``L ← ρL + (1-ρ)∇∇ᵀ`` (and ``R``) where ``ok``; the first update sets them."""
+        """``L ← ρL + (1-ρ)∇∇ᵀ`` (and ``R``) where ``ok``; the first update sets them. With
+        ``debias``, ``ρ`` is the blocks' debiased one for the weight the factors gathered (a
+        device scalar: deciding it needs no host read)."""
         g = torch.where(ok, grad, 0.0)
         sides = {"left": g @ g.mT}
         if self._rotates_right(g):
             sides["right"] = g.mT @ g
-        weight = ok.to(g.dtype) * (1.0 - decay)
+        advance = ok.to(g.dtype)
+        keep = decay
+        if self.debias:
+            gathered = state.get("factor_weight", torch.zeros((), dtype=g.dtype, device=g.device))
+            keep = debiased_decay(decay, gathered)
+            state["factor_weight"] = gathered + advance * (decay * gathered + 1.0 - gathered)
+        weight = advance * (1.0 - keep)
         for key, stat in sides.items():
             if key in state:
                 state[key].lerp_(stat, weight)

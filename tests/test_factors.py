@@ -17,6 +17,7 @@ from torch import nn
 
 from kfac_ext import KFACPreconditioner
 from kfac_ext.losses import make_loss
+from kfac_ext.statistics import Statistics
 
 SEED = 1234
 LOSSES = [("cross_entropy", "mean"), ("cross_entropy", "sum"), ("mse", "mean"), ("mse", "sum"),
@@ -184,6 +185,71 @@ def test_factor_ema_and_update_period(fisher_type):
         torch.testing.assert_close(g, 0.9 * expected[0][name][1] + 0.1 * expected[2][name][1])
 
 
+def _factors_over_steps(model, xs, y, fisher_type, micro_batches, **settings):
+    """The float64 factors after each step of ``xs`` (the weights never move), each step's batch
+    in ``micro_batches`` micro-batches."""
+    loss = make_loss("mse")
+    precond = KFACPreconditioner(model, "mse", fisher_type=fisher_type, grad_accumulation_steps=micro_batches,
+                                 factor_dtype=torch.float64, inv_dtype=torch.float64, **settings)
+    seen = []
+    for x in xs:
+        model.zero_grad()
+        for xc, yc in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
+            loss(model(xc), yc).backward()
+        precond.step()
+        seen.append({name: (a.clone(), g.clone()) for name, (a, g) in precond.factors().items()})
+    precond.remove_hooks()
+    return seen, precond
+
+
+@pytest.mark.parametrize("fisher_type,micro_batches", [("type-2", 1), ("empirical", 1), ("type-2", 2), ("empirical", 2)])
+def test_debiased_factors_weigh_each_step_by_its_age(fisher_type, micro_batches):
+    """debias_factors: after n updates a factor is ``Σ ρ^age F_step / Σ ρ^age``, whether a
+    step's statistics go in at step() (empirical), folded as they come (type-2), or by
+    micro-batch; the steps' own factors from a run with factor_decay=0."""
+    model, _ = make_model("mlp", 3)
+    xs = [torch.randn(6, 5, dtype=torch.float64) for _ in range(4)]
+    y = torch.randn(6, 3, dtype=torch.float64)
+    fresh, _ = _factors_over_steps(model, xs, y, fisher_type, micro_batches, factor_decay=0.0)
+    debiased, _ = _factors_over_steps(model, xs, y, fisher_type, micro_batches, factor_decay=0.9, debias_factors=True)
+    for n, got in enumerate(debiased):
+        ages = [0.9 ** (n - j) for j in range(n + 1)]
+        for name, (a, g) in got.items():
+            for i, factor in enumerate((a, g)):
+                want = sum(w * step[name][i] for w, step in zip(ages, fresh)) / sum(ages)
+                torch.testing.assert_close(factor, want, rtol=1e-12, atol=1e-14, msg=f"step {n}, {name}[{i}]")
+
+
+def test_debiased_factor_weights_travel_with_a_checkpoint():
+    """The weights the factors gathered are in state_dict: a run resumed from it continues the
+    same averages; a checkpoint without them (saved before they existed) counts its factors as
+    settled, so that the next update keeps ρ of them."""
+    model, _ = make_model("mlp", 3)
+    xs = [torch.randn(6, 5, dtype=torch.float64) for _ in range(4)]
+    y = torch.randn(6, 3, dtype=torch.float64)
+    settings = dict(factor_decay=0.9, debias_factors=True)
+    whole, _ = _factors_over_steps(model, xs, y, "type-2", 1, **settings)
+    _, first = _factors_over_steps(model, xs[:2], y, "type-2", 1, **settings)
+    fresh, _ = _factors_over_steps(model, xs[2:3], y, "type-2", 1, factor_decay=0.0)
+    state = copy.deepcopy(first.state_dict())
+    assert state["factor_weights"] == {name: pytest.approx(1.9) for name in state["factors"]}
+    for weights, want in ((state["factor_weights"], whole[2]), (None, None)):
+        resumed = KFACPreconditioner(model, "mse", fisher_type="type-2", factor_dtype=torch.float64,
+                                     inv_dtype=torch.float64, **settings)
+        resumed.load_state_dict({**state, "factor_weights": weights} if weights else
+                                {k: v for k, v in state.items() if k != "factor_weights"})
+        model.zero_grad()
+        make_loss("mse")(model(xs[2]), y).backward()
+        resumed.step()
+        resumed.remove_hooks()
+        for name, (a, g) in resumed.factors().items():
+            old_a, old_g = state["factors"][name]
+            want_a = want[name][0] if want else 0.9 * old_a + 0.1 * fresh[0][name][0]
+            want_g = want[name][1] if want else 0.9 * old_g + 0.1 * fresh[0][name][1]
+            torch.testing.assert_close(a, want_a, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(g, want_g, rtol=1e-12, atol=1e-14)
+
+
 def _flat_wbar_perm(d_in: int, d_out: int) -> torch.Tensor:
     """Index map from [vec(W) row-major, b] (parameter order) to vec(W̄), W̄ = [W | b]."""
     idx = []
@@ -261,10 +327,10 @@ def test_kfac_update_invariant_to_affine_input_reparametrisation():
 @pytest.mark.parametrize("fisher_type", ["empirical", "mc"])
 def test_factor_rows_subsets_partition_the_rows_over_successive_updates(fisher_type):
     """factor_rows=6 on 18 rows per micro-batch (the [B, T, d] model's first layer): each update
-    sums every 3rd row from an offset that moves on, rescaled; over 3 updates of one batch the
-    subsets partition the rows, so the mean of the three step factors (factor_decay=0) is the
-    all-rows factor. The head's 6 rows are all taken. Monte Carlo targets differ per step, so
-    there only A is compared."""
+    sums every 5th row (3 and 4 share a divisor with 18) from an offset that moves on, rescaled;
+    over 5 updates of one batch the subsets partition the rows, so the step factors weighted by
+    their subsets' sizes (factor_decay=0) add up to the all-rows factor. The head's 6 rows are
+    all taken. Monte Carlo targets differ per step, so there only A is compared."""
     torch.manual_seed(SEED)
     model, x = make_model("seq", 3)
     twin = copy.deepcopy(model)
@@ -273,17 +339,45 @@ def test_factor_rows_subsets_partition_the_rows_over_successive_updates(fisher_t
     sub = KFACPreconditioner(model, "cross_entropy", fisher_type=fisher_type, factor_dtype=torch.float64,
                              factor_rows=6, factor_decay=0.0)
     steps = []
-    for net, precond in [(twin, full)] + [(model, sub)] * 3:  # no optimizer: the weights stay
+    for net, precond in [(twin, full)] + [(model, sub)] * 5:  # no optimizer: the weights stay
         net.zero_grad()
         F.cross_entropy(net(x), y).backward()
         precond.step()
         steps.append({name: (a.clone(), g.clone()) for name, (a, g) in precond.factors().items()})
     want, got = steps[0], steps[1:]
+    # the offset is the factor-update count plus the forwards of this step: 1, 2, 3, 4, 0
+    shares = [len(range(offset % 5, 18, 5)) / 18 for offset in range(1, 6)]  # 4, 4, 3, 3, 4 rows
     for name in want:
-        a_mean = sum(s[name][0] for s in got) / 3
+        a_mean = sum(w * s[name][0] for w, s in zip(shares, got))
         torch.testing.assert_close(a_mean, want[name][0], rtol=1e-12, atol=1e-14, msg=f"A of {name}")
         if fisher_type == "empirical":
-            g_mean = sum(s[name][1] for s in got) / 3
+            g_mean = sum(w * s[name][1] for w, s in zip(shares, got))
             torch.testing.assert_close(g_mean, want[name][1], rtol=1e-12, atol=1e-14, msg=f"G of {name}")
     assert not torch.allclose(got[0]["inner"][0], got[1]["inner"][0])  # each update saw other rows
     assert torch.equal(got[0]["head"][0], want["head"][0])  # 6 rows <= 6: all of them, unscaled
+
+
+def test_row_subsets_take_every_position_of_an_example():
+    """Rows are (example, position) pairs: 128 examples of a 4x4 feature map, at most 512 rows.
+    A stride of 4 would take one column of the map from every example; the stride has no divisor
+    in common with the row count, so one subset covers every position about equally."""
+    stats = Statistics(max_rows=512)
+    positions = torch.arange(128 * 16) % 16
+    for phase in range(3):
+        stats.phase = phase
+        picked, scale = stats.subsample(positions[:, None], width=145)
+        counts = torch.bincount(picked[:, 0], minlength=16)
+        assert counts.min() >= counts.max() - 1 and picked.shape[0] <= 512
+        assert scale == pytest.approx(2048 / picked.shape[0])
+
+
+def test_auto_row_budget_grows_with_the_factor_width():
+    """factor_rows="auto": at most 4·d rows for a factor d wide, never fewer than 1024; a sum
+    without a GEMM (width None: an embedding's counts) keeps every row."""
+    stats = Statistics(max_rows="auto")
+    assert [stats.row_budget(d) for d in (10, 256, 257, 1000)] == [1024, 1024, 1028, 4000]
+    assert stats.row_budget(None) is None
+    rows = torch.randn(2048, 65)
+    picked, _ = stats.subsample(rows, width=65)  # a stride of 2 shares a divisor with 2048: 3
+    assert torch.equal(picked, rows[0::3])
+    assert stats.subsample(rows[:1024], width=65)[0].shape[0] == 1024

@@ -197,19 +197,23 @@ class WithMatrix(nn.Module):
 class MatrixAdamReference:
     """Adam in the eigenbasis of ``L = E[∇∇ᵀ]`` and ``R = E[∇ᵀ∇]`` of one matrix (the first step
     in the identity basis), written out with torch.linalg in float64; ``transposed``: the rows
-    side is too wide, so ``∇ᵀ`` is used and only its rows (the matrix's columns) are rotated."""
+    side is too wide, so ``∇ᵀ`` is used and only its rows (the matrix's columns) are rotated.
+    ``L`` and ``R`` are debiased moving averages, as the K-FAC factors: ``Σ ρ^age ∇∇ᵀ / Σ ρ^age``."""
 
     def __init__(self, p, transposed, factor_every, basis_every, lr, wd, decay=0.95):
         self.p, self.transposed = p.detach().clone(), transposed
         self.factor_every, self.basis_every, self.lr, self.wd, self.decay = factor_every, basis_every, lr, wd, decay
         self.sides, self.bases, self.m, self.v, self.count = {}, {}, None, None, 0
+        self.sums, self.gathered = {}, 0.0  # Σ ρ^age ∇∇ᵀ and Σ ρ^age
 
     def step(self, t, grad):
         g = grad.T if self.transposed else grad
         stats = {"left": g @ g.T} if self.transposed else {"left": g @ g.T, "right": g.T @ g}
         if t % self.factor_every == 0:
+            self.gathered = self.decay * self.gathered + 1.0
             for k, f in stats.items():
-                self.sides[k] = f if k not in self.sides else self.decay * self.sides[k] + (1 - self.decay) * f
+                self.sums[k] = self.decay * self.sums.get(k, 0.0) + f
+                self.sides[k] = self.sums[k] / self.gathered
         if self.m is None:  # the first step in the identity basis
             self.m, self.v = torch.zeros_like(g), torch.zeros_like(g)
             self.bases = {k: torch.eye(f.shape[0], dtype=F64) for k, f in self.sides.items()}
@@ -356,6 +360,26 @@ def test_default_schedules_refresh_early_then_settle():
     assert seen_factors == [0, 1, 2, 4] + list(range(5, 130, 5))
     assert seen_inverses == [0, 1, 2, 4, 8, 16, 32, 50, 100]
     assert [doubling(10)(s) for s in (0, 1, 3, 9, 10, 11)] == [1, 1, 2, 8, 10, 10]
+
+
+def test_default_factors_take_about_four_rows_per_width():
+    """The default rule's factors take at most ~4·d rows (at least 1024) of a micro-batch: of 2400
+    tokens, the 9-wide A and the 3-wide G take every 7th (the least stride from 3 with no divisor
+    in common with 2400), from the first update's offset 1; G is that subset's sum rescaled."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3).double()
+    x, y = torch.randn(4, 600, 8, dtype=F64), torch.randint(0, 3, (4, 600))
+    opt = KFAC(model, loss="cross_entropy", factor_dtype=F64)
+    out = model(x)
+    out.retain_grad()
+    F.cross_entropy(out.flatten(0, 1), y.flatten()).backward()
+    opt.step()
+    a, g = opt.preconditioner.factors()[""]
+    rows = torch.cat([x.flatten(0, 1), torch.ones(2400, 1, dtype=F64)], 1)[1::7]
+    torch.testing.assert_close(a, rows.mT @ rows / rows.shape[0], rtol=1e-12, atol=1e-14)
+    g_rows = out.grad.flatten(0, 1)[1::7]
+    subset = g_rows.mT @ g_rows
+    torch.testing.assert_close(g, subset * (g[0, 0] / subset[0, 0]), rtol=1e-12, atol=1e-14)
 
 
 def test_rules_refuse_what_they_cannot_do():
