@@ -255,14 +255,15 @@ class GradientBasisAdam:
     def _update_factors(self, grad: Tensor, state: dict, ok: Tensor, decay: float) -> None:
         """``L ← ρL + (1-ρ)∇∇ᵀ`` (and ``R``) where ``ok``; the first update sets them. With
         ``debias``, ``ρ`` is the blocks' debiased one for the weight the factors gathered (a
-        device scalar: deciding it needs no host read)."""
+        device scalar: deciding it needs no host read); factors from a checkpoint that has no
+        such weight count as settled (plain ``ρ``), as the blocks' do."""
         g = torch.where(ok, grad, 0.0)
         sides = {"left": g @ g.mT}
         if self._rotates_right(g):
             sides["right"] = g.mT @ g
         advance = ok.to(g.dtype)
         keep = decay
-        if self.debias:
+        if self.debias and ("factor_weight" in state or "left" not in state):
             gathered = state.get("factor_weight", torch.zeros((), dtype=g.dtype, device=g.device))
             keep = debiased_decay(decay, gathered)
             state["factor_weight"] = gathered + advance * (decay * gathered + 1.0 - gathered)

@@ -290,6 +290,28 @@ def test_checkpoint_resumes_the_same_trajectory(update, make):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
+def test_a_matrix_factor_without_its_weight_counts_as_settled():
+    """A blockless matrix's L from a checkpoint saved before its debiasing weight existed keeps
+    ρ = 0.95 of itself at the next factor update (as the blocks' factors do), not 0."""
+    settings = dict(lr=1e-2, loss="cross_entropy", factor_update_steps=2, factor_dtype=F64, inv_dtype=F64)
+    model = WithMatrix()
+    opt = KFAC(model, **settings)
+    for step in range(2):
+        backward(model, step)
+        opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    for s in state["state"].values():
+        s.pop("factor_weight", None)
+    resumed = KFAC(model, **settings)
+    resumed.load_state_dict(state)
+    old_left = resumed.state[model.mix]["left"].clone()
+    backward(model, 2)
+    g = model.mix.grad.clone()
+    resumed.step()
+    torch.testing.assert_close(resumed.state[model.mix]["left"], 0.95 * old_left + 0.05 * g @ g.T, rtol=1e-12,
+                               atol=1e-14)
+
+
 def test_a_matrix_with_adamw_state_from_an_older_checkpoint_continues_from_it():
     """A checkpoint saved when AdamW took a blockless matrix (its state: step and
     parameter-shaped moments) loads, and the matrix's Adam continues from those moments (the
