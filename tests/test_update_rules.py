@@ -290,16 +290,22 @@ def test_checkpoint_resumes_the_same_trajectory(update, make):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
-def test_a_matrix_factor_without_its_weight_counts_as_settled():
-    """A blockless matrix's L from a checkpoint saved before its debiasing weight existed keeps
-    ρ = 0.95 of itself at the next factor update (as the blocks' factors do), not 0."""
-    settings = dict(lr=1e-2, loss="cross_entropy", factor_update_steps=2, factor_dtype=F64, inv_dtype=F64)
+def _matrix_model_after_two_steps(**settings) -> tuple[WithMatrix, dict]:
+    """A :class:`WithMatrix` after two KFAC steps (factor steps every 2), and a copy of the
+    optimizer's state_dict then."""
     model = WithMatrix()
     opt = KFAC(model, **settings)
     for step in range(2):
         backward(model, step)
         opt.step()
-    state = copy.deepcopy(opt.state_dict())
+    return model, copy.deepcopy(opt.state_dict())
+
+
+def test_a_matrix_factor_without_its_weight_counts_as_settled():
+    """A blockless matrix's L from a checkpoint saved before its debiasing weight existed keeps
+    ρ = 0.95 of itself at the next factor update (as the blocks' factors do), not 0."""
+    settings = dict(lr=1e-2, loss="cross_entropy", factor_update_steps=2, factor_dtype=F64, inv_dtype=F64)
+    model, state = _matrix_model_after_two_steps(**settings)
     for s in state["state"].values():
         s.pop("factor_weight", None)
     resumed = KFAC(model, **settings)
@@ -318,12 +324,7 @@ def test_a_matrix_with_adamw_state_from_an_older_checkpoint_continues_from_it():
     identity basis: the same coordinates) into the factors' basis at the next refresh."""
     settings = dict(lr=1e-2, betas=BETAS, loss="cross_entropy", factor_update_steps=2, inv_update_steps=3,
                     factor_dtype=F64, inv_dtype=F64)
-    model = WithMatrix()
-    opt = KFAC(model, **settings)
-    for step in range(2):
-        backward(model, step)
-        opt.step()
-    state = copy.deepcopy(opt.state_dict())
+    model, state = _matrix_model_after_two_steps(**settings)
     index = next(i for i, p in enumerate(model.parameters()) if p is model.mix)
     adamw_state = {k: state["state"][index][k] for k in ("step", "exp_avg", "exp_avg_sq")}
     state["state"][index] = adamw_state
