@@ -266,7 +266,7 @@ class GradientBasisAdam:
         if self.debias and ("factor_weight" in state or "left" not in state):
             gathered = state.get("factor_weight", torch.zeros((), dtype=g.dtype, device=g.device))
             keep = debiased_decay(decay, gathered)
-            state["factor_weight"] = gathered + advance * (decay * gathered + 1.0 - gathered)
+            state["factor_weight"] = torch.where(ok, decay * gathered + 1.0, gathered)
         weight = advance * (1.0 - keep)
         for key, stat in sides.items():
             if key in state:
