@@ -73,22 +73,36 @@ class Statistics:
             return self.max_rows
         return None if width is None else max(AUTO_MIN_ROWS, ROWS_PER_WIDTH * width)
 
-    def subsample(self, rows: Tensor, width: int | None) -> tuple[Tensor, float]:
-        """Every ``k``-th row from offset ``phase mod k`` and ``N / n``, the factor that keeps a sum
-        over them an unbiased estimate of the sum over all ``N``: successive reductions walk
-        through every offset, and a stride, unlike a random pick, needs no generator and is
-        reproducible from the factor-update count alone. ``k`` is the least stride from
-        ``⌈N / budget⌉`` with no divisor in common with ``N``: rows are (example, position)
-        pairs, and a stride that divides the positions per example (4 of a 4x4 feature map's 16)
-        would take the same positions of every example."""
-        n, budget = rows.shape[0], self.row_budget(width)
+    def row_pick(self, n: int, width: int | None) -> slice | None:
+        """Which of ``n`` rows a factor ``width`` wide takes (None: all of them): every ``k``-th
+        row from offset ``phase mod k``, so that successive reductions walk through every offset;
+        a stride, unlike a random pick, needs no generator and is reproducible from the
+        factor-update count alone. ``k`` is the least stride from ``⌈n / budget⌉`` with no divisor
+        in common with ``n``: rows are (example, position) pairs, and a stride that divides the
+        positions per example (4 of a 4x4 feature map's 16) would take the same positions of
+        every example."""
+        budget = self.row_budget(width)
         if budget is None or n <= budget:
-            return rows, 1.0
+            return None
         stride = -(-n // budget)
         while math.gcd(stride, n) != 1:
             stride += 1
-        picked = rows[self.phase % stride::stride].contiguous()
-        return picked, n / picked.shape[0]
+        return slice(self.phase % stride, None, stride)
+
+    def subsample(self, rows: Tensor, width: int | None) -> tuple[Tensor, float]:
+        """The rows :meth:`row_pick` takes and ``N / n``, the factor that keeps a sum over them an
+        unbiased estimate of the sum over all ``N``."""
+        pick = self.row_pick(rows.shape[0], width)
+        if pick is None:
+            return rows, 1.0
+        picked = rows[pick].contiguous()
+        return picked, rows.shape[0] / picked.shape[0]
+
+    def _activation_rows(self, block: Block, xs: list[Tensor], width: int | None) -> Tensor:
+        """The rows of ``block``'s inputs ``xs`` that enter its ``Σ ā āᵀ``."""
+        if len(xs) == 1:
+            return block.sampled_activation_rows(xs[0], lambda n: self.row_pick(n, width))
+        return self.subsample(_cat([block.activation_rows(x) for x in xs]), width)[0]
 
     def add_activations(self, items: list[tuple[Block, list[Tensor]]], ops, dtype: torch.dtype) -> None:
         """Adds ``Σ ā āᵀ`` of each block's inputs ``xs`` (and their row count)."""
@@ -105,7 +119,7 @@ class Statistics:
                     same_rows.append((block, first))
                 continue
             width = None if block.a_diagonal else block.a_dim
-            rows, _ = self.subsample(_cat([block.activation_rows(x) for x in xs]), width)  # the count says how many
+            rows = self._activation_rows(block, xs, width)  # their count says how many were taken
             firsts[key] = (block, rows.shape[0])
             if rows.shape[0] == 0:  # e.g. an expert no token was routed to
                 continue

@@ -359,6 +359,16 @@ MUTATIONS = [
        "        pass",
        [f"{T_LAYERS}::test_gradient_rows_are_reduced_as_the_backward_goes"],
        "a sampled backward's G sums held to its end (beside the factors) instead of folded as reduced"),
+    _m("sampled-patches-transposed-positions", "layers/conv.py",
+       "windows[row // (height * width), position // width, position % width]",
+       "windows[row // (height * width), position % height, position // height]",
+       [f"{T_LAYERS}::test_sampled_conv_patches_are_the_picked_im2col_rows"],
+       "the sampled convolution patches read output positions column-major (im2col is row-major)"),
+    _m("sampled-patches-offset-dropped", "layers/conv.py",
+       "torch.arange(chosen.start, examples",
+       "torch.arange(0, examples",
+       [f"{T_LAYERS}::test_sampled_conv_patches_are_the_picked_im2col_rows"],
+       "the sampled convolution patches always start at row 0: one offset of every stride only"),
 ]
 
 

@@ -117,6 +117,41 @@ def test_conv2d_reduce():
     assert_factors(got, "0", factor_from(patches, s.grad.flatten(2).transpose(1, 2), "reduce"))
 
 
+@pytest.mark.parametrize("conv, shape", [
+    (nn.Conv2d(2, 3, (2, 3), stride=(1, 2), padding=1), (4, 2, 5, 6)),
+    (nn.Conv2d(3, 2, 3, dilation=2, padding=2, stride=2), (3, 3, 9, 7)),
+    (nn.Conv2d(2, 2, 3, padding="same", dilation=(1, 2)), (2, 2, 6, 5)),
+    (nn.Conv2d(2, 2, 3, padding="valid"), (2, 5, 5)),  # unbatched
+    (nn.Conv1d(3, 4, 3, stride=2, padding=1, dilation=2), (5, 3, 11)),
+])
+@pytest.mark.parametrize("stride, offset", [(3, 0), (7, 5), (1, 0)])
+def test_sampled_conv_patches_are_the_picked_im2col_rows(conv, shape, stride, offset):
+    """A factor that takes every k-th row builds only those patches (not all of im2col's): the
+    same rows, in the same order, as the explicit patches of every output position."""
+    block = find_blocks(nn.Sequential(conv.double())).blocks[0]
+    x = torch.randn(shape, dtype=F64)
+    if conv.padding == "same":
+        x_padded = F.pad(x, (2, 2, 1, 1))
+    else:
+        x_padded = x if isinstance(conv.padding, str) else F.pad(x, sum(([p, p] for p in conv.padding[::-1]), []))
+    out = conv(x)
+    batched = x_padded if x.dim() == 4 or isinstance(conv, nn.Conv1d) else x_padded.unsqueeze(0)
+    if isinstance(conv, nn.Conv1d):
+        batched = batched.unsqueeze(2)
+    kh, kw = (1, conv.kernel_size[0]) if isinstance(conv, nn.Conv1d) else conv.kernel_size
+    dh, dw = (1, conv.dilation[0]) if isinstance(conv, nn.Conv1d) else conv.dilation
+    sh, sw = (1, conv.stride[0]) if isinstance(conv, nn.Conv1d) else conv.stride
+    height, width = (1, out.shape[-1]) if isinstance(conv, nn.Conv1d) else out.shape[-2:]
+    explicit = torch.stack([batched[:, :, i * sh:i * sh + dh * (kh - 1) + 1:dh,
+                                    j * sw:j * sw + dw * (kw - 1) + 1:dw].reshape(batched.shape[0], -1)
+                            for i in range(height) for j in range(width)], 1).reshape(-1, block.a_dim - 1)
+    picks = []
+    got = block.sampled_activation_rows(x, lambda n: picks.append(n) or slice(offset, None, stride))
+    assert picks == [explicit.shape[0]]
+    assert torch.equal(got, explicit[offset::stride]) and got.is_contiguous()
+    assert torch.equal(block.sampled_activation_rows(x, lambda n: None), explicit)
+
+
 # ---- Hugging Face Conv1D -----------------------------------------------------------------------
 
 

@@ -81,6 +81,14 @@ class Block:
         """``[rows, a_dim - has_bias]`` contiguous activation rows (without the ones column)."""
         raise NotImplementedError
 
+    def sampled_activation_rows(self, x: Tensor, pick: Callable[[int], slice | None]) -> Tensor:
+        """The activation rows ``pick(n)`` selects of the ``n`` rows of ``x`` (all of them when it
+        returns None), contiguous. Kinds that build their rows (a convolution's patches) build
+        only those."""
+        rows = self.activation_rows(x)
+        chosen = pick(rows.shape[0])
+        return rows if chosen is None else rows[chosen].contiguous()
+
     def output_grad_rows(self, grad: Tensor) -> Tensor:
         """``[rows, g_dim]`` contiguous rows of the gradient w.r.t. the block's output."""
         raise NotImplementedError
