@@ -27,12 +27,17 @@ from .losses import Loss
 from .settings import check_choice, make_checked_loss, resolve_kl_clip, validate
 from .statistics import Statistics
 from .topology import choose, unwrap_model
-from .util import Counters, Schedule, flush_denormals, value, warn, warn_once
+from .util import LONGEST_REFRESH, Counters, Schedule, budgeted_period, doubling, flush_denormals, value, warn, warn_once
 
 __all__ = ["KFACPreconditioner", "default_output_fn", "default_loss_mask"]
 
 COUNTERS = ("factor_updates", "inverse_updates", "skipped_factor_updates", "nonfinite_grad_steps",
             "failed_inversions", "fp64_retries", "kl_clip_scale")
+
+
+#: flops of one decomposition of an n x n factor, per n³ (Golub & Van Loan: a symmetric
+#: eigendecomposition with vectors about 9n³; a Cholesky factorization and inverse about n³)
+DECOMPOSITION_FLOPS = {"eigen": 9.0, "cholesky": 1.0}
 
 
 class KFACPreconditioner:
@@ -81,6 +86,12 @@ class KFACPreconditioner:
         damping, factor_decay, factor_update_steps, inv_update_steps, lr, kl_clip: a number or a
             callable of the step. ``kl_clip`` rescales the update so that ``lr² Σ ⟨v, g⟩ <=
             kl_clip``; ``"auto"`` (default) is 1e-3 when ``lr`` is known, else off; None is off.
+            ``inv_update_steps="auto"`` (the default of ``KFAC(update="eigen-adam")``):
+            ``doubling(P)``, ``P`` set at the first factor update (:attr:`refresh_period`, saved in
+            ``state_dict``) so that the decompositions take about 1/40 of the flops of the blocks'
+            layers (9n³ per eigendecomposition, n³ per Cholesky inverse; from the rows each
+            layer computed over), between 10 and 50 steps, a multiple of the factor period:
+            a transformer over many tokens refreshes often, a small batch of wide layers rarely.
         debias_factors: the factors as the moving average normalized by the weight each has
             gathered (Adam's bias correction, :class:`~kfac_ext.curvature.Curvature`): the
             first steps' statistics, from the initial weights, do not outweigh later ones (False:
@@ -153,7 +164,7 @@ class KFACPreconditioner:
         process_group: Any = None,
     ):
         validate(fisher_type, kfac_approx, inversion, damping_mode, backend, factor_dtype, inv_dtype, mc_samples,
-                  grad_accumulation_steps, factor_rows)
+                  grad_accumulation_steps, factor_rows, inv_update_steps)
         self.loss = make_checked_loss(loss, reduction, fisher_type)
         self.reduction = self.loss.reduction if self.loss is not None else reduction
         check_choice("reduction", self.reduction, ("mean", "sum"))
@@ -165,6 +176,8 @@ class KFACPreconditioner:
         self.inversion, self.damping_mode = inversion, damping_mode
         self.damping, self.factor_decay = damping, factor_decay
         self.factor_update_steps, self.inv_update_steps = factor_update_steps, inv_update_steps
+        #: ``inv_update_steps="auto"``'s period once set (None before the first factor update)
+        self.refresh_period: int | None = None
         self.lr, self.kl_clip = lr, kl_clip
         self.grad_accumulation_steps, self.factor_rows = grad_accumulation_steps, factor_rows
         self.factor_dtype, self.inv_dtype = factor_dtype, inv_dtype
@@ -239,7 +252,12 @@ class KFACPreconditioner:
         return self.steps % max(1, int(value(self.factor_update_steps, self.steps))) == 0
 
     def is_inverse_step(self) -> bool:
-        return self.steps % max(1, int(value(self.inv_update_steps, self.steps))) == 0
+        return self.steps % max(1, int(value(self._inverse_schedule(), self.steps))) == 0
+
+    def _inverse_schedule(self) -> Schedule:
+        if not isinstance(self.inv_update_steps, str):
+            return self.inv_update_steps
+        return doubling(self.refresh_period or LONGEST_REFRESH)
 
     def _scaled(self) -> bool:
         return self.grad_scaler is not None and self.grad_scaler.is_enabled()
@@ -283,7 +301,10 @@ class KFACPreconditioner:
     def update_curvature(self, grads_finite: Tensor) -> bool:
         """The moving averages from this step's captured statistics (those that are finite);
         False iff the gradients were not finite."""
-        done = self.curvature.update(self.blocks, self.capture.collect(), grads_finite,
+        stats = self.capture.collect()
+        if isinstance(self.inv_update_steps, str) and self.refresh_period is None and stats.layer_rows:
+            self.refresh_period = self._budgeted_refresh_period(stats.layer_rows)
+        done = self.curvature.update(self.blocks, stats, grads_finite,
                                      lambda: float(value(self.factor_decay, self.steps)), self.topology, self._stats)
         if done is False:  # known on the host already: this step's gradients are not finite
             self._warn_nonfinite(self._stats.get("nonfinite_grad_steps", 0) + 1)
@@ -291,6 +312,17 @@ class KFACPreconditioner:
             self._no_statistics()
             return True
         return done
+
+    def _budgeted_refresh_period(self, layer_rows: dict[str, int]) -> int:
+        """``inv_update_steps="auto"``'s period from the blocks' factor widths and the rows each
+        layer computed over this step (its forward and backward GEMMs: 6 flops per row and
+        weight), averaged over the ranks so that every rank refreshes at the same steps."""
+        per_decomposition = DECOMPOSITION_FLOPS[self.inversion]
+        decompositions = sum(per_decomposition * d ** 3 for b in self.blocks
+                             for d in (b.g_dim, 0 if b.a_diagonal else b.a_dim))
+        layers = sum(6.0 * layer_rows.get(b.name, 0) * b.a_dim * b.g_dim for b in self.blocks if not b.a_diagonal)
+        layers = self.topology.mean(torch.tensor(layers, dtype=torch.float64))
+        return budgeted_period(decompositions, layers, int(value(self.factor_update_steps, LONGEST_REFRESH)))
 
     def _fold_statistics(self, stats: Statistics, kinds: tuple[str, ...]) -> None:
         self.curvature.fold(self.blocks, stats, float(value(self.factor_decay, self.steps)), self.grad_accumulation_steps,
@@ -416,6 +448,7 @@ class KFACPreconditioner:
             generator=self.generator.get_state(),
             damping=self.damping if not callable(self.damping) else None,
             warned=sorted(self._warned),
+            refresh_period=self.refresh_period,
         )
         state.update(self.topology.checkpoint_entries())
         return state
@@ -442,6 +475,8 @@ class KFACPreconditioner:
             self.damping = state["damping"]
         self._warned.clear()
         self._warned.update(state["warned"])
+        if state.get("refresh_period") is not None:
+            self.refresh_period = state["refresh_period"]
         self.capture.clear()
 
     def remove_hooks(self) -> None:

@@ -15,7 +15,7 @@ DEFAULT_KL_CLIP = 1e-3
 
 
 def validate(fisher_type, kfac_approx, inversion, damping_mode, backend, factor_dtype, inv_dtype, mc_samples,
-              grad_accumulation_steps, factor_rows=None) -> None:
+              grad_accumulation_steps, factor_rows=None, inv_update_steps=None) -> None:
     check_choice("fisher_type", fisher_type, FISHER_TYPES)
     check_choice("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
     check_choice("inversion", inversion, INVERSIONS)
@@ -30,6 +30,8 @@ def validate(fisher_type, kfac_approx, inversion, damping_mode, backend, factor_
         raise ValueError("mc_samples and grad_accumulation_steps must be >= 1")
     if factor_rows not in (None, "auto") and (not isinstance(factor_rows, int) or factor_rows < 1):
         raise ValueError(f"factor_rows must be None, 'auto' or an int >= 1, got {factor_rows!r}")
+    if isinstance(inv_update_steps, str) and inv_update_steps != "auto":
+        raise ValueError(f"inv_update_steps must be a number, a callable of the step or 'auto', got {inv_update_steps!r}")
 
 
 def make_checked_loss(loss, reduction: str, fisher_type: str) -> Loss | None:

@@ -37,6 +37,9 @@ class Statistics:
     max_rows: int | str | None = None
     #: which of the strided subsets :meth:`subsample` takes (advanced by the caller, per reduction)
     phase: int = 0
+    #: per block: the activation rows its layer computed over, before any subset (what the
+    #: layer's forward and backward multiply-adds scale with)
+    layer_rows: dict[str, int] = dataclasses.field(default_factory=dict)
     _last_forward: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict, repr=False)
 
     def holds_sums(self) -> bool:
@@ -98,29 +101,41 @@ class Statistics:
         picked = rows[pick].contiguous()
         return picked, rows.shape[0] / picked.shape[0]
 
-    def _activation_rows(self, block: Block, xs: list[Tensor], width: int | None) -> Tensor:
-        """The rows of ``block``'s inputs ``xs`` that enter its ``Σ ā āᵀ``."""
+    def _activation_rows(self, block: Block, xs: list[Tensor], width: int | None) -> tuple[Tensor, int]:
+        """The rows of ``block``'s inputs ``xs`` that enter its ``Σ ā āᵀ``, and how many there were."""
+        seen = []
+
+        def pick(n: int) -> slice | None:
+            seen.append(n)
+            return self.row_pick(n, width)
+
         if len(xs) == 1:
-            return block.sampled_activation_rows(xs[0], lambda n: self.row_pick(n, width))
-        return self.subsample(_cat([block.activation_rows(x) for x in xs]), width)[0]
+            rows = block.sampled_activation_rows(xs[0], pick)
+        else:
+            every = _cat([block.activation_rows(x) for x in xs])
+            chosen = pick(every.shape[0])
+            rows = every if chosen is None else every[chosen].contiguous()
+        return rows, seen[0]
 
     def add_activations(self, items: list[tuple[Block, list[Tensor]]], ops, dtype: torch.dtype) -> None:
         """Adds ``Σ ā āᵀ`` of each block's inputs ``xs`` (and their row count)."""
         dense, same_rows = [], []  # blocks with rows of their own / rows another block has too
-        firsts: dict[tuple, tuple[Block, int]] = {}
+        firsts: dict[tuple, tuple[Block, int, int]] = {}  # the first block, rows taken, rows seen
         for block, xs in items:
             # Blocks that saw the same inputs and read them alike (q, k, v of self-attention)
             # have the same rows: they are built, and Σ ā āᵀ reduced, once.
             key = (tuple(id(x) for x in xs), type(block).activation_rows, block.approx, block.has_bias, block.a_dim)
             if key in firsts:
-                first, count = firsts[key]
+                first, count, seen = firsts[key]
+                self.layer_rows[block.name] = self.layer_rows.get(block.name, 0) + seen
                 if count:
                     self.a_rows[block.name] = self.a_rows.get(block.name, 0) + count
                     same_rows.append((block, first))
                 continue
             width = None if block.a_diagonal else block.a_dim
-            rows = self._activation_rows(block, xs, width)  # their count says how many were taken
-            firsts[key] = (block, rows.shape[0])
+            rows, seen = self._activation_rows(block, xs, width)  # their count says how many were taken
+            self.layer_rows[block.name] = self.layer_rows.get(block.name, 0) + seen
+            firsts[key] = (block, rows.shape[0], seen)
             if rows.shape[0] == 0:  # e.g. an expert no token was routed to
                 continue
             self.a_rows[block.name] = self.a_rows.get(block.name, 0) + rows.shape[0]

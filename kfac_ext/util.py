@@ -43,6 +43,21 @@ class Doubling:
 
 doubling = Doubling
 
+#: ``inv_update_steps="auto"``: the decompositions take about 1/REFRESH_BUDGET of the layers'
+#: flops, refreshed every 10 to 50 steps
+REFRESH_BUDGET = 40
+SHORTEST_REFRESH, LONGEST_REFRESH = 10, 50
+
+
+def budgeted_period(decomposition_flops: float, step_flops: float, granularity: int) -> int:
+    """The refresh period, in steps, at which decompositions of ``decomposition_flops`` take
+    about 1/:data:`REFRESH_BUDGET` of training steps of ``step_flops`` each: a multiple of
+    ``granularity`` (the factor period, so that a refresh finds the factors just updated) within
+    :data:`SHORTEST_REFRESH` .. :data:`LONGEST_REFRESH`."""
+    steps = REFRESH_BUDGET * decomposition_flops / max(step_flops, 1.0)
+    period = granularity * max(1, round(steps / granularity))
+    return min(LONGEST_REFRESH, max(SHORTEST_REFRESH, period))
+
 
 #: elements from which a tensor's finiteness is checked by its own min / max pass
 OWN_PASS_ELEMENTS = 1 << 14

@@ -369,6 +369,21 @@ MUTATIONS = [
        "torch.arange(0, examples",
        [f"{T_LAYERS}::test_sampled_conv_patches_are_the_picked_im2col_rows"],
        "the sampled convolution patches always start at row 0: one offset of every stride only"),
+    _m("refresh-period-from-the-rows-taken", "statistics.py",
+       "        return rows, seen[0]",
+       "        return rows, rows.shape[0]",
+       [f"{T_OPT}::test_auto_refresh_period_keeps_decompositions_a_budgeted_share_of_the_layers_work"],
+       "inv_update_steps='auto' weighs the layers' work by the rows the factors take, not the rows computed"),
+    _m("refresh-period-per-example", "layers/conv.py",
+       "        chosen = pick(examples * height * width)\n        if chosen is None:\n            return self.activation_rows(inputs)",
+       "        chosen = pick(examples)\n        if chosen is None:\n            return self.activation_rows(inputs)",
+       [f"{T_OPT}::test_auto_refresh_period_counts_every_position_of_a_convolution"],
+       "a convolution's layer work counted per example, not per output position"),
+    _m("refresh-period-not-saved", "preconditioner.py",
+       "            refresh_period=self.refresh_period,\n",
+       "",
+       [f"{T_OPT}::test_auto_refresh_period_travels_with_a_checkpoint"],
+       "a resumed run re-derives (or lacks) the refresh period instead of keeping its own"),
 ]
 
 

@@ -262,6 +262,51 @@ def test_inv_update_steps_schedule(period):
     assert changed == [True, False, False, True, False, False, True]
 
 
+def _auto_refresh_period(model: nn.Module, x: torch.Tensor, **kwargs) -> KFACPreconditioner:
+    precond = KFACPreconditioner(model, loss="cross_entropy", inv_update_steps="auto", **kwargs)
+    F.cross_entropy(model(x), torch.zeros(x.shape[0], dtype=torch.long)).backward()
+    precond.step()
+    return precond
+
+
+@pytest.mark.parametrize("examples,period", [(64, 50), (500, 25), (1000, 10)])
+def test_auto_refresh_period_keeps_decompositions_a_budgeted_share_of_the_layers_work(examples, period):
+    """inv_update_steps="auto": P ≈ 40 · (9 Σ n³ over the factors) / (6 · rows · Σ a·g), rounded
+    to the factor period and held to 10..50. Two Linear blocks (A 33, G 64; A 65, G 10):
+    40 · 9 · 573706 / (6 · 2762 · B) = 12463 / B steps, whatever share of the rows the factors take."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    precond = _auto_refresh_period(model, torch.randn(examples, 32), factor_update_steps=5, factor_rows=100)
+    assert precond.refresh_period == period
+    due = []
+    for step in range(2 * period + 1):
+        precond.steps = step
+        due.append(precond.is_inverse_step())
+    assert [s for s, d in enumerate(due) if d] == [s for s in (0, 1, 2, 4, 8, 16, 32) if s < period] + [period, 2 * period]
+
+
+def test_auto_refresh_period_counts_every_position_of_a_convolution():
+    """A convolution's layer computes over every output position (B·64 rows here, not B): A 28, G 8
+    and A 9, G 10 give 40 · 9 · 24193 / (6 · (64 · 224 + 90) · B) = 100.6 / B steps, 25 at B=4
+    (as if over B rows it would be 770 / B: the longest, 50)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    assert _auto_refresh_period(model, torch.randn(4, 3, 8, 8), factor_update_steps=5).refresh_period == 25
+
+
+def test_auto_refresh_period_travels_with_a_checkpoint():
+    torch.manual_seed(0)
+    precond = _auto_refresh_period(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)), torch.randn(500, 32))
+    assert precond.refresh_period == 25
+    fresh = KFACPreconditioner(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)), loss="cross_entropy",
+                               inv_update_steps="auto")
+    assert fresh.refresh_period is None
+    fresh.load_state_dict(precond.state_dict())
+    assert fresh.refresh_period == 25
+    with pytest.raises(ValueError, match="inv_update_steps"):
+        KFACPreconditioner(nn.Linear(3, 2), loss="cross_entropy", inv_update_steps="often")
+
+
 def test_damping_schedule_is_used_at_each_step():
     """Cholesky + Tikhonov, inverses every step: ``.grad`` becomes
     ``(G + √γ_s I)⁻¹ ∇W̄ (A + √γ_s I)⁻¹`` with ``γ_s = damping(s)``."""
