@@ -302,7 +302,7 @@ class KFACPreconditioner:
         """The moving averages from this step's captured statistics (those that are finite);
         False iff the gradients were not finite."""
         stats = self.capture.collect()
-        if isinstance(self.inv_update_steps, str) and self.refresh_period is None and stats.layer_rows:
+        if isinstance(self.inv_update_steps, str) and self.refresh_period is None:
             self.refresh_period = self._budgeted_refresh_period(stats.layer_rows)
         done = self.curvature.update(self.blocks, stats, grads_finite,
                                      lambda: float(value(self.factor_decay, self.steps)), self.topology, self._stats)
@@ -313,15 +313,18 @@ class KFACPreconditioner:
             return True
         return done
 
-    def _budgeted_refresh_period(self, layer_rows: dict[str, int]) -> int:
+    def _budgeted_refresh_period(self, layer_rows: dict[str, int]) -> int | None:
         """``inv_update_steps="auto"``'s period from the blocks' factor widths and the rows each
         layer computed over this step (its forward and backward GEMMs: 6 flops per row and
-        weight), averaged over the ranks so that every rank refreshes at the same steps."""
+        weight), averaged over the ranks so that every rank refreshes at the same steps (every
+        rank asks, at the same factor steps, until some layer computed anything: None before)."""
         per_decomposition = DECOMPOSITION_FLOPS[self.inversion]
         decompositions = sum(per_decomposition * d ** 3 for b in self.blocks
                              for d in (b.g_dim, 0 if b.a_diagonal else b.a_dim))
         layers = sum(6.0 * layer_rows.get(b.name, 0) * b.a_dim * b.g_dim for b in self.blocks if not b.a_diagonal)
         layers = self.topology.mean(torch.tensor(layers, dtype=torch.float64))
+        if layers == 0:
+            return None
         return budgeted_period(decompositions, layers, int(value(self.factor_update_steps, LONGEST_REFRESH)))
 
     def _fold_statistics(self, stats: Statistics, kinds: tuple[str, ...]) -> None:

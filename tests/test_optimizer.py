@@ -294,6 +294,23 @@ def test_auto_refresh_period_counts_every_position_of_a_convolution():
     assert _auto_refresh_period(model, torch.randn(4, 3, 8, 8), factor_update_steps=5).refresh_period == 25
 
 
+def test_auto_refresh_period_without_layer_work_is_the_longest():
+    """An embedding's layer is a lookup (its A the token counts), no GEMM: with no layer work to
+    weigh the decompositions against, the period stays unset and the longest one's doubling
+    applies."""
+    torch.manual_seed(0)
+    model = nn.Embedding(10, 4)
+    precond = KFACPreconditioner(model, loss="cross_entropy", inv_update_steps="auto")
+    F.cross_entropy(model(torch.randint(0, 10, (64,))), torch.randint(0, 4, (64,))).backward()
+    precond.step()
+    assert precond.refresh_period is None
+    due = []
+    for step in range(101):
+        precond.steps = step
+        due.append(precond.is_inverse_step())
+    assert [s for s, d in enumerate(due) if d] == [0, 1, 2, 4, 8, 16, 32, 50, 100]
+
+
 def test_auto_refresh_period_travels_with_a_checkpoint():
     torch.manual_seed(0)
     precond = _auto_refresh_period(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)), torch.randn(500, 32))
