@@ -30,7 +30,7 @@ it); on request (``--optimizers``), ``K-FAC sgd`` (SGD + KL clip, the pre-2026-1
 
     python bench/time_to_target.py [--quick] [--workloads a,b] [--optimizers a,b] [--seeds N]
 
-About 11 (Intel Xeon) to 22 (AMD EPYC) minutes on 2 CPU cores (``--quick``: 1-1.5 minutes). Writes
+About 11 (Intel Xeon) to 23 (AMD EPYC) minutes on 2 CPU cores (``--quick``: 1-1.5 minutes). Writes
 ``time_to_target.json`` and ``time_to_target.png`` (validation loss vs training seconds and vs
 steps, each optimizer's pick on seed 0) under ``--out`` and prints Markdown tables.
 """
