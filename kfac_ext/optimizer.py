@@ -50,12 +50,13 @@ class KFAC(torch.optim.Optimizer):
       ``weight_decay``.
       Its factors are the empirical ones (``fisher_type="empirical"``: the training backward's
       own gradients, no extra backward), updated at steps 0, 1, 2, 4, 8, then every 10
-      (``factor_update_steps``) with ``factor_decay=0.9`` (a memory of about 100 steps), the basis at 0, 1, 2, 4, 8, 16, then every 10 to 50 steps
-      (``inv_update_steps="auto"``: as often as the eigendecompositions stay a small share of
-      the layers' work; every 20 on a small transformer over 2048 tokens, 50 on a small batch
-      of wide layers): the moments keep the step fresh in between. A factor ``d`` wide
-      takes at most about ``4d`` rows (tokens, pixels) of a micro-batch, at least 1024
-      (``factor_rows="auto"``); the factors' moving average is debiased (``debias_factors``).
+      (``factor_update_steps``) with ``factor_decay=0.9`` (a memory of about 100 steps), the
+      basis at 0, 1, 2, 4, 8, 16, then every 10 to 50 steps (``inv_update_steps="auto"``: as
+      often as the eigendecompositions stay a small share of the layers' work; every 20 on a
+      small transformer over 2048 tokens, 50 on a small batch of wide layers): the moments keep
+      the step fresh in between. A factor ``d`` wide takes at most about ``4d`` rows (tokens,
+      pixels) of a micro-batch, at least 1024 (``factor_rows="auto"``); the factors' moving
+      average is debiased (``debias_factors``).
     * ``"adamw"``: the K-FAC direction ``(G ⊗ A + damping)⁻¹ ∇W̄`` fed to AdamW with every other
       parameter's gradient (Monte Carlo factors at 0, 1, 2, 4, 8, then every 10 steps, inverses
       at 0, 1, 2, ..., 64, then every 100).

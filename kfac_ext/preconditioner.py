@@ -27,7 +27,8 @@ from .losses import Loss
 from .settings import check_choice, make_checked_loss, resolve_kl_clip, validate
 from .statistics import Statistics
 from .topology import choose, unwrap_model
-from .util import LONGEST_REFRESH, Counters, Schedule, budgeted_period, doubling, flush_denormals, value, warn, warn_once
+from .util import (LONGEST_REFRESH, Counters, Schedule, budgeted_period, doubling, flush_denormals, value, warn,
+                   warn_once)
 
 __all__ = ["KFACPreconditioner", "default_output_fn", "default_loss_mask"]
 

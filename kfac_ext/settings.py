@@ -31,7 +31,8 @@ def validate(fisher_type, kfac_approx, inversion, damping_mode, backend, factor_
     if factor_rows not in (None, "auto") and (not isinstance(factor_rows, int) or factor_rows < 1):
         raise ValueError(f"factor_rows must be None, 'auto' or an int >= 1, got {factor_rows!r}")
     if isinstance(inv_update_steps, str) and inv_update_steps != "auto":
-        raise ValueError(f"inv_update_steps must be a number, a callable of the step or 'auto', got {inv_update_steps!r}")
+        raise ValueError(f"inv_update_steps must be a number, a callable of the step or 'auto', "
+                         f"got {inv_update_steps!r}")
 
 
 def make_checked_loss(loss, reduction: str, fisher_type: str) -> Loss | None:

@@ -5,6 +5,8 @@ reduce, see :mod:`kfac_ext.layers.base`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -44,7 +46,7 @@ class ConvBlock(Block):
     def activation_rows(self, x: Tensor) -> Tensor:
         return positions_rows(self._patches(x), self.approx, Tensor.mean)
 
-    def sampled_activation_rows(self, inputs: Tensor, pick) -> Tensor:
+    def sampled_activation_rows(self, inputs: Tensor, pick: Callable[[int], slice | None]) -> Tensor:
         """Builds only the patches ``pick`` selects: im2col of every position, most of them
         dropped right after, cost more than the factor's GEMM on the rows kept."""
         if self.approx == "reduce":
