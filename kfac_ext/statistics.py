@@ -103,19 +103,16 @@ class Statistics:
 
     def _activation_rows(self, block: Block, xs: list[Tensor], width: int | None) -> tuple[Tensor, int]:
         """The rows of ``block``'s inputs ``xs`` that enter its ``Σ ā āᵀ``, and how many there were."""
+        if len(xs) > 1:
+            every = _cat([block.activation_rows(x) for x in xs])
+            return self.subsample(every, width)[0], every.shape[0]
         seen = []
 
         def pick(n: int) -> slice | None:
             seen.append(n)
             return self.row_pick(n, width)
 
-        if len(xs) == 1:
-            rows = block.sampled_activation_rows(xs[0], pick)
-        else:
-            every = _cat([block.activation_rows(x) for x in xs])
-            chosen = pick(every.shape[0])
-            rows = every if chosen is None else every[chosen].contiguous()
-        return rows, seen[0]
+        return block.sampled_activation_rows(xs[0], pick), seen[0]
 
     def add_activations(self, items: list[tuple[Block, list[Tensor]]], ops, dtype: torch.dtype) -> None:
         """Adds ``Σ ā āᵀ`` of each block's inputs ``xs`` (and their row count)."""
