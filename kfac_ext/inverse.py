@@ -124,20 +124,32 @@ class Inverses:
     # ---- inversion -----------------------------------------------------------------------------
 
     def update(self, blocks: list[Block], factors: list[Tensor], damping: list[float], invert_everywhere,
-               counters: dict, warned: set[str]) -> None:
+               counters: dict, warned: set[str], due: list[bool] | None = None) -> None:
         """New records for ``blocks`` from ``factors`` (every block's A, then every block's G, in
-        the inverses' dtype) and their damping. ``invert_everywhere(factors, damping, invert)``
-        runs :meth:`invert` where the topology says and returns every record (:data:`REMOTE`
-        where another rank holds it) with the statuses. A failed inversion keeps the previous record, or the
-        identity before there is one (warned once per factor)."""
-        results, status = invert_everywhere(factors, damping, self.invert)
+        the inverses' dtype) and their damping. ``invert_everywhere(factors, invert)`` runs
+        ``invert(positions)`` where the topology says and returns every record (:data:`REMOTE`
+        where another rank holds it) with the statuses. ``due[j]`` False: factor ``j`` keeps the
+        record it has (the same object), not inverted (a factor without one is inverted anyway).
+        A failed inversion keeps the previous record, or the identity before there is one (warned
+        once per factor)."""
         n = len(blocks)
+        previous = [self.records.get(b.name, (None, None))[k] for k in range(2) for b in blocks]
+        kept = [due is not None and not due[j] and previous[j] is not None for j in range(len(factors))]
+
+        def invert(positions: list[int]) -> tuple[list[InverseRecord], list[int]]:
+            fresh = [j for j in positions if not kept[j]]
+            got, codes = self.invert([factors[j] for j in fresh], [damping[j] for j in fresh])
+            by_position = dict(zip(fresh, zip(got, codes)))
+            pairs = [by_position.get(j, (previous[j], int(Status.OK))) for j in positions]
+            return [r for r, _ in pairs], [c for _, c in pairs]
+
+        results, status = invert_everywhere(factors, invert)
+        results = [previous[j] if kept[j] else r for j, r in enumerate(results)]  # not a broadcast copy of it
         for i, block in enumerate(blocks):
-            previous = self.records.get(block.name, (None, None))
             sides = []
             for k, side in enumerate("AG"):
                 j = i + k * n
-                sides.append(self._accept(block, side, status[j], results[j], previous[k], factors[j], counters, warned))
+                sides.append(self._accept(block, side, status[j], results[j], previous[j], factors[j], counters, warned))
             self.records[block.name] = (sides[0], sides[1])
         self._groups = {}
 

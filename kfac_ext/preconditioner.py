@@ -27,7 +27,8 @@ from .losses import Loss
 from .settings import check_choice, make_checked_loss, resolve_kl_clip, validate
 from .statistics import Statistics
 from .topology import choose, unwrap_model
-from .util import (LONGEST_REFRESH, Counters, Schedule, budgeted_period, doubling, flush_denormals, value, warn,
+from .util import (LONGEST_REFRESH, REFRESH_BUDGET, Counters, Schedule, budgeted_period, doubling, flush_denormals,
+                   sparse_refresh_due, value, warn,
                    warn_once)
 
 __all__ = ["KFACPreconditioner", "default_output_fn", "default_loss_mask"]
@@ -93,6 +94,10 @@ class KFACPreconditioner:
             layers (9n³ per eigendecomposition, n³ per Cholesky inverse; from the rows each
             layer computed over), between 10 and 50 steps, a multiple of the factor period:
             a transformer over many tokens refreshes often, a small batch of wide layers rarely.
+            A block whose decompositions alone cost more than its layer's work over 40 steps (a
+            wide classifier head over a small batch) is left out of that budget and refreshed at
+            steps 0, 4, 16, 64, ... up to its own budgeted period, then at that period
+            (:attr:`sparse_refresh`).
         debias_factors: the factors as the moving average normalized by the weight each has
             gathered (Adam's bias correction, :class:`~kfac_ext.curvature.Curvature`): the
             first steps' statistics, from the initial weights, do not outweigh later ones (False:
@@ -179,6 +184,9 @@ class KFACPreconditioner:
         self.factor_update_steps, self.inv_update_steps = factor_update_steps, inv_update_steps
         #: ``inv_update_steps="auto"``'s period once set (None before the first factor update)
         self.refresh_period: int | None = None
+        #: ``inv_update_steps="auto"``: the factors ``"<block>.A"`` / ``"<block>.G"`` refreshed on
+        #: their own sparse schedule (:func:`~kfac_ext.util.sparse_refresh_due`), with its period
+        self.sparse_refresh: dict[str, int] = {}
         self.lr, self.kl_clip = lr, kl_clip
         self.grad_accumulation_steps, self.factor_rows = grad_accumulation_steps, factor_rows
         self.factor_dtype, self.inv_dtype = factor_dtype, inv_dtype
@@ -253,7 +261,18 @@ class KFACPreconditioner:
         return self.steps % max(1, int(value(self.factor_update_steps, self.steps))) == 0
 
     def is_inverse_step(self) -> bool:
+        """Some factor's inverse (or basis) is refreshed in this step."""
+        return self._shared_refresh_due() or any(sparse_refresh_due(self.steps, p) for p in self.sparse_refresh.values())
+
+    def _shared_refresh_due(self) -> bool:
         return self.steps % max(1, int(value(self._inverse_schedule(), self.steps))) == 0
+
+    def _due_factors(self, blocks: list[Block]) -> list[bool]:
+        """Which factors of ``blocks`` (every A, then every G) are refreshed in this step."""
+        shared = self._shared_refresh_due()
+        due = [sparse_refresh_due(self.steps, self.sparse_refresh[b.name]) if b.name in self.sparse_refresh else shared
+               for b in blocks]
+        return due + due
 
     def _inverse_schedule(self) -> Schedule:
         if not isinstance(self.inv_update_steps, str):
@@ -290,7 +309,7 @@ class KFACPreconditioner:
                 if not self.update_curvature(finite):
                     return self._skip_nonfinite_step(ran, finite)
             if self.curvature and (self.inverses.records.keys() != self.curvature.a.keys() or self.is_inverse_step()):
-                self.update_inverses()
+                self.update_inverses(due_only=True)
             self.write_directions(grads, finite)
             self.count_nonfinite(~finite)
             self._finish_step()
@@ -304,7 +323,7 @@ class KFACPreconditioner:
         False iff the gradients were not finite."""
         stats = self.capture.collect()
         if isinstance(self.inv_update_steps, str) and self.refresh_period is None:
-            self.refresh_period = self._budgeted_refresh_period(stats.layer_rows)
+            self._budget_refreshes(stats.layer_rows)
         done = self.curvature.update(self.blocks, stats, grads_finite,
                                      lambda: float(value(self.factor_decay, self.steps)), self.topology, self._stats)
         if done is False:  # known on the host already: this step's gradients are not finite
@@ -314,19 +333,31 @@ class KFACPreconditioner:
             return True
         return done
 
-    def _budgeted_refresh_period(self, layer_rows: dict[str, int]) -> int | None:
-        """``inv_update_steps="auto"``'s period from the blocks' factor widths and the rows each
-        layer computed over this step (its forward and backward GEMMs: 6 flops per row and
-        weight), averaged over the ranks so that every rank refreshes at the same steps (every
-        rank asks, at the same factor steps, until some layer computed anything: None before)."""
+    def _budget_refreshes(self, layer_rows: dict[str, int]) -> None:
+        """``inv_update_steps="auto"``: :attr:`refresh_period` and :attr:`sparse_refresh` from the
+        factor widths and the rows each layer computed over this step (its forward and backward
+        GEMMs: 6 flops per row and weight), averaged over the ranks so that every rank refreshes
+        the same factors at the same steps (every rank asks, at the same factor steps, until some
+        layer computed anything). A factor whose one decomposition costs more than its own layer's
+        work over :data:`~kfac_ext.util.REFRESH_BUDGET` steps (a 513-wide A of a classifier
+        head over 128 examples: ~300 steps' worth) is refreshed sparsely, at its own budgeted
+        period; the others share one period, budgeted over every layer's work."""
         per_decomposition = DECOMPOSITION_FLOPS[self.inversion]
-        decompositions = sum(per_decomposition * d ** 3 for b in self.blocks
-                             for d in (b.g_dim, 0 if b.a_diagonal else b.a_dim))
-        layers = sum(6.0 * layer_rows.get(b.name, 0) * b.a_dim * b.g_dim for b in self.blocks if not b.a_diagonal)
-        layers = self.topology.mean(torch.tensor(layers, dtype=torch.float64))
-        if layers == 0:
-            return None
-        return budgeted_period(decompositions, layers, int(value(self.factor_update_steps, LONGEST_REFRESH)))
+        work = self.topology.mean_values(torch.tensor(
+            [0.0 if b.a_diagonal else 6.0 * layer_rows.get(b.name, 0) * b.a_dim * b.g_dim for b in self.blocks],
+            dtype=torch.float64))
+        if sum(work) == 0:
+            return
+        granularity = int(value(self.factor_update_steps, LONGEST_REFRESH))
+        shared, sparse = 0.0, {}
+        for block, layer in zip(self.blocks, work):
+            cost = per_decomposition * ((0 if block.a_diagonal else block.a_dim) ** 3 + block.g_dim ** 3)
+            if layer > 0 and cost > REFRESH_BUDGET * layer:
+                sparse[block.name] = budgeted_period(cost, layer, granularity, longest=None)
+            else:
+                shared += cost
+        self.sparse_refresh = sparse
+        self.refresh_period = budgeted_period(shared, sum(work), granularity)
 
     def _fold_statistics(self, stats: Statistics, kinds: tuple[str, ...]) -> None:
         self.curvature.fold(self.blocks, stats, float(value(self.factor_decay, self.steps)), self.grad_accumulation_steps,
@@ -343,14 +374,15 @@ class KFACPreconditioner:
                       "(a NaN or inf loss or gradient) and were skipped: no parameter moved (counted in "
                       "stats['nonfinite_grad_steps']; warned once)")
 
-    def update_inverses(self) -> None:
-        """The damped inverses of every block's factors (by their owners)."""
+    def update_inverses(self, due_only: bool = False) -> None:
+        """The damped inverses of every block's factors (by their owners); ``due_only``: only of
+        the factors this step's schedule refreshes (and those without one yet)."""
         blocks = [b for b in self.blocks if b.name in self.curvature.a]
         factors, damping = self.curvature.damped(blocks, float(value(self.damping, self.steps)), self.damping_mode,
                                                  self.inv_dtype)
         inverse_form = self.inverses.inverse_form
-        self.inverses.update(blocks, factors, damping, lambda f, d, invert: self.topology.invert(f, d, invert, inverse_form),
-                             self._stats, self._warned)
+        self.inverses.update(blocks, factors, damping, lambda f, invert: self.topology.invert(f, invert, inverse_form),
+                             self._stats, self._warned, self._due_factors(blocks) if due_only else None)
         self._stats["inverse_updates"] += 1
         if "non-finite gradients" not in self._warned:
             self._warn_nonfinite(self.stats["nonfinite_grad_steps"])  # the inversion synchronized already
@@ -453,6 +485,7 @@ class KFACPreconditioner:
             damping=self.damping if not callable(self.damping) else None,
             warned=sorted(self._warned),
             refresh_period=self.refresh_period,
+            sparse_refresh=dict(self.sparse_refresh),
         )
         state.update(self.topology.checkpoint_entries())
         return state
@@ -481,6 +514,7 @@ class KFACPreconditioner:
         self._warned.update(state["warned"])
         if state.get("refresh_period") is not None:
             self.refresh_period = state["refresh_period"]
+            self.sparse_refresh = dict(state.get("sparse_refresh") or {})
         self.capture.clear()
 
     def remove_hooks(self) -> None:

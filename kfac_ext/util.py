@@ -49,14 +49,24 @@ REFRESH_BUDGET = 40
 SHORTEST_REFRESH, LONGEST_REFRESH = 10, 50
 
 
-def budgeted_period(decomposition_flops: float, step_flops: float, granularity: int) -> int:
+def budgeted_period(decomposition_flops: float, step_flops: float, granularity: int,
+                    longest: int | None = LONGEST_REFRESH) -> int:
     """The refresh period, in steps, at which decompositions of ``decomposition_flops`` take
     about 1/:data:`REFRESH_BUDGET` of training steps of ``step_flops`` each: a multiple of
     ``granularity`` (the factor period, so that a refresh finds the factors just updated) within
-    :data:`SHORTEST_REFRESH` .. :data:`LONGEST_REFRESH`."""
+    :data:`SHORTEST_REFRESH` .. ``longest`` (None: no upper bound)."""
     steps = REFRESH_BUDGET * decomposition_flops / max(step_flops, 1.0)
-    period = granularity * max(1, round(steps / granularity))
-    return min(LONGEST_REFRESH, max(SHORTEST_REFRESH, period))
+    period = max(SHORTEST_REFRESH, granularity * max(1, round(steps / granularity)))
+    return period if longest is None else min(longest, period)
+
+
+def sparse_refresh_due(step: int, period: int) -> bool:
+    """The refresh steps of a factor whose one refresh costs more than its layer's work over
+    :data:`REFRESH_BUDGET` steps: 0, 4, 16, 64, ... (the basis ages fourfold between refreshes,
+    not twofold) below ``period``, and every ``period`` steps from then on."""
+    if step >= period:
+        return step % period == 0
+    return step == 0 or (step >= 4 and step & (step - 1) == 0 and (step.bit_length() - 1) % 2 == 0)
 
 
 #: elements from which a tensor's finiteness is checked by its own min / max pass

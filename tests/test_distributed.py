@@ -205,14 +205,23 @@ SCENARIOS = {
     "eigen-adam-b": dict(kfac=eigen_adam_args("b"), wrap="ddp", steps=5, golden=False),
     "fsdp-eigen-adam-a": dict(kfac=eigen_adam_args("a"), wrap="fsdp", steps=5, golden=False),
     "fsdp-eigen-adam": dict(kfac=eigen_adam_args(None), wrap="fsdp", steps=5, golden=False),
+    # inv_update_steps="auto" with a block whose decompositions outweigh its layer (the last
+    # Linear, 40 outputs over a few rows per rank): ranks with unequal batches must still agree
+    # on which factors each step refreshes (no single-process twin: the budget is per rank).
+    "auto-sparse-a": dict(kfac={**eigen_adam_args("a"), "inv_update_steps": "auto"}, wrap="ddp", steps=6, classes=40,
+                          split={2: [0, 4, 12], 3: [0, 2, 5, 12]}, reference=False, golden=False),
+    "auto-sparse-b": dict(kfac={**eigen_adam_args("b"), "inv_update_steps": "auto"}, wrap="ddp", steps=6, classes=40,
+                          reference=False, golden=False),
 }
 RUNS = {
     2: ["a-eigen-type2", "b-cholesky-empirical", "nan-input", "nan-statistics", "fail-a", "fail-b",
         "ckpt-a", "ckpt-b", "mc", "fsdp-a-eigen-type2", "fsdp-b-cholesky-empirical", "fsdp-nan-input",
         "fsdp-mc", "fsdp-bf16", "fsdp-ckpt", "fsdp-inplace-type2", "adaptive", "fsdp-adaptive", "fsdp-gpt2",
-        "fsdp-resnet18", "unequal", "accumulate", "eigen-adam-a", "eigen-adam-b", "fsdp-eigen-adam-a", "fsdp-eigen-adam"],
+        "fsdp-resnet18", "unequal", "accumulate", "eigen-adam-a", "eigen-adam-b", "fsdp-eigen-adam-a", "fsdp-eigen-adam",
+        "auto-sparse-a", "auto-sparse-b"],
     3: ["a-cholesky-empirical-manual", "b-eigen-type2", "subgroup", "fsdp-a-eigen-type2", "fsdp-inplace-type2",
-        "fsdp-resume", "fsdp-adaptive", "fsdp-gpt2", "fsdp-empty-shard", "unequal", "eigen-adam-b", "fsdp-eigen-adam"],
+        "fsdp-resume", "fsdp-adaptive", "fsdp-gpt2", "fsdp-empty-shard", "unequal", "eigen-adam-b", "fsdp-eigen-adam",
+        "auto-sparse-a"],
 }
 
 
@@ -350,6 +359,7 @@ def train(spec: dict, rank: int = 0, world: int = 1, *, checkpoint: str | None =
                     torch.save(state, checkpoint)
     records[-1]["warnings"] = [str(m.message) for m in messages if "KFACPreconditioner" in str(m.message)]
     records[-1]["comm_bytes"] = dict(precond.topology.comm_bytes)
+    records[-1]["refreshes"] = (precond.refresh_period, dict(precond.sparse_refresh))
     return records
 
 
@@ -604,6 +614,20 @@ def test_mc_factors_average_each_ranks_own_samples(runs, name):
             assert rel(a, want[k][0]) < 1e-13, f"step {step}: A of layer {k}"
             assert rel(g, want[k][1]) < 1e-13, f"step {step}: G of layer {k}"
             assert rel(g, shared[k][1]) > 1e-2, f"step {step}: G of layer {k} as if all ranks drew rank 0's samples"
+
+
+@pytest.mark.parametrize("world,name,period", [(2, "auto-sparse-a", 2300), (3, "auto-sparse-a", 3450),
+                                               (2, "auto-sparse-b", 2300)])
+def test_auto_refresh_budget_is_the_mean_over_the_ranks(runs, world, name, period):
+    """inv_update_steps="auto" weighs the decompositions against each layer's work averaged over
+    the ranks, so that every rank refreshes the same factors at the same steps although their
+    rows differ (4 and 8; 2, 3 and 7): the last Linear (A 7, G 40) over 12 / world rows on
+    average costs 40 · 9 (7³ + 40³) / (6 · 12/world · 7 · 40) = 2298 (2 ranks) or 3447 (3) steps
+    of its layer's work at the budget of 1/40, a block refreshed sparsely at that period (a
+    multiple of the factor period, 10); the others share the longest period, 50
+    (40 · 9 (5³ + 9³ + 10³ + 6³) / (6 · 12/world · (5·9 + 10·6 + 7·40)) = 54 or 81 steps)."""
+    for records in runs[0][world][name]:
+        assert records[-1]["refreshes"] == (50, {"4": period})
 
 
 @pytest.mark.parametrize("world", RUNS)

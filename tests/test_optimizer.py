@@ -311,6 +311,45 @@ def test_auto_refresh_period_without_layer_work_is_the_longest():
     assert [s for s, d in enumerate(due) if d] == [0, 1, 2, 4, 8, 16, 32, 50, 100]
 
 
+def _head_over_few_rows() -> tuple[nn.Module, torch.Tensor]:
+    """A convolution over 16 examples' 64 positions (A 28, G 8: a decomposition costs 0.15 of
+    its layer's step) and a 512-wide classifier head over the 16 examples (A 513, G 10: ~2470
+    steps' worth of its layer's work)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
+    return model, torch.randn(16, 3, 8, 8)
+
+
+def test_auto_refresh_is_sparse_for_a_block_whose_decompositions_outweigh_its_layer():
+    """inv_update_steps="auto": a block whose decompositions cost more than its layer's work over
+    40 steps is refreshed at steps 0, 4, 16, 64, ... and then at its own budgeted period
+    (40 · 9 (513³ + 10³) / (6 · 16 · 513 · 10) = 98689 steps, 98690 as a multiple of the factor period);
+    the other blocks share the period budgeted over every layer's work (40 · 9 (28³ + 8³) /
+    (6 · (1024 · 224 + 16 · 5130)) = 4.3: the shortest, 10). Only the factors due are decomposed:
+    the head keeps the very same records in between."""
+    model, x = _head_over_few_rows()
+    precond = _auto_refresh_period(model, x, factor_update_steps=5)
+    assert precond.refresh_period == 10
+    assert precond.sparse_refresh == {"3": 98690}
+    heads, convs, due = [], [], []
+    for step in range(1, 70):
+        F.cross_entropy(model(x), torch.zeros(16, dtype=torch.long)).backward()
+        due.append(precond.is_inverse_step())
+        before = precond.inverses.records["3"], precond.inverses.records["0"]
+        precond.step()
+        after = precond.inverses.records["3"], precond.inverses.records["0"]
+        heads.append(after[0][0] is not before[0][0] and after[0][1] is not before[0][1])
+        convs.append(after[1][0] is not before[1][0])
+        model.zero_grad()
+    refreshed = lambda flags: [step for step, f in enumerate(flags, start=1) if f]  # noqa: E731
+    assert refreshed(heads) == [4, 16, 64]
+    assert refreshed(convs) == [1, 2, 4, 8] + list(range(10, 70, 10))
+    assert refreshed(due) == sorted(set(refreshed(heads) + refreshed(convs)))
+    for step, expected in ((98690, True), (98690 + 64, False), (2 * 98690, True)):
+        precond.steps = step
+        assert precond._due_factors(precond.blocks) == [step % 10 == 0, expected] * 2
+
+
 def test_auto_refresh_period_travels_with_a_checkpoint():
     torch.manual_seed(0)
     precond = _auto_refresh_period(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)), torch.randn(500, 32))
@@ -320,6 +359,11 @@ def test_auto_refresh_period_travels_with_a_checkpoint():
     assert fresh.refresh_period is None
     fresh.load_state_dict(precond.state_dict())
     assert fresh.refresh_period == 25
+    model, x = _head_over_few_rows()
+    precond = _auto_refresh_period(model, x)
+    fresh = KFACPreconditioner(_head_over_few_rows()[0], loss="cross_entropy", inv_update_steps="auto")
+    fresh.load_state_dict(precond.state_dict())
+    assert (fresh.refresh_period, fresh.sparse_refresh) == (10, {"3": 98689})
     with pytest.raises(ValueError, match="inv_update_steps"):
         KFACPreconditioner(nn.Linear(3, 2), loss="cross_entropy", inv_update_steps="often")
 

@@ -98,6 +98,9 @@ class Collective(Local):
     def mean(self, loss: Tensor) -> float:
         return float(self.all_sum(loss.double().to(self.device))) / self.world_size
 
+    def mean_values(self, values: Tensor) -> list[float]:
+        return (self.all_sum(values.double().to(self.device)) / self.world_size).tolist()
+
     def require_every_block(self, missing: list[str]) -> None:
         if missing:
             raise RuntimeError(
@@ -134,8 +137,7 @@ class Collective(Local):
 
     # ---- inversion ---------------------------------------------------------------------------
 
-    def invert(self, factors: list[Tensor], damping: list[float], invert: Invert,
-               inverse_form: bool) -> tuple[list[InverseRecord], list[int]]:
+    def invert(self, factors: list[Tensor], invert: Invert, inverse_form: bool) -> tuple[list[InverseRecord], list[int]]:
         """Each factor inverted only by its owner (diagonal factors, cheap, by every rank); the
         statuses all-reduced, so a failed inversion leads every rank to the same fallback. With
         :attr:`holds_every_inverse` the owners broadcast the results; else they stay there."""
@@ -144,7 +146,7 @@ class Collective(Local):
         results: list[InverseRecord] = [REMOTE] * n
         status = torch.zeros(n, dtype=torch.int32, device=factors[0].device)
         if mine:
-            local, local_status = invert([factors[i] for i in mine], [damping[i] for i in mine])
+            local, local_status = invert(mine)
             for i, r in zip(mine, local):
                 results[i] = r
             owned = [(i, code) for i, code in zip(mine, local_status) if self._factor_owner[i] == self.rank]

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from ..inverse import InverseRecord
     from ..layers import Block
 
-#: ``(factors, damping) -> (records, statuses)``: the inversion this rank runs on its factors.
-Invert = Callable[[list[Tensor], list[float]], tuple[list["InverseRecord"], list[int]]]
+#: ``indices -> (records, statuses)``: the inversion this rank runs on the factors at those positions.
+Invert = Callable[[list[int]], tuple[list["InverseRecord"], list[int]]]
 #: ``(blocks, grads) -> directions``: the preconditioned gradients of blocks this rank holds.
 Apply = Callable[[list["Block"], list[Tensor]], list[Tensor]]
 
@@ -77,12 +77,12 @@ class Local:
     def average(self, factors: list[Tensor]) -> None:
         """Every factor becomes its mean over the ranks (in place)."""
 
-    def invert(self, factors: list[Tensor], damping: list[float], invert: Invert,
-               inverse_form: bool) -> tuple[list[InverseRecord], list[int]]:
+    def invert(self, factors: list[Tensor], invert: Invert, inverse_form: bool) -> tuple[list[InverseRecord], list[int]]:
         """Every factor's damped inverse record (``REMOTE`` where another rank holds it) and its
-        status, the same statuses on every rank. ``inverse_form``: the records are
-        :class:`~kfac_ext.inverse.Inverse`, else :class:`~kfac_ext.inverse.EigenPair`."""
-        return invert(factors, damping)
+        status, the same statuses on every rank, ``invert`` run on this rank's share of the
+        positions. ``inverse_form``: the records are :class:`~kfac_ext.inverse.Inverse`, else
+        :class:`~kfac_ext.inverse.EigenPair`."""
+        return invert(list(range(len(factors))))
 
     # ---- adaptive damping: the quadratic model ------------------------------------------------
 
@@ -106,6 +106,10 @@ class Local:
     def mean(self, loss: Tensor) -> float:
         """``loss`` averaged over the ranks (each saw its own batch)."""
         return float(loss)
+
+    def mean_values(self, values: Tensor) -> list[float]:
+        """The 1-d ``values`` averaged elementwise over the ranks."""
+        return values.tolist()
 
     # ---- checkpoints ------------------------------------------------------------------------
 
