@@ -95,9 +95,8 @@ class KFACPreconditioner:
             layer computed over), between 10 and 50 steps, a multiple of the factor period:
             a transformer over many tokens refreshes often, a small batch of wide layers rarely.
             A block whose decompositions alone cost more than its layer's work over 40 steps (a
-            wide classifier head over a small batch) is left out of that budget and refreshed at
-            steps 0, 4, 16, 64, ... up to its own budgeted period, then at that period
-            (:attr:`sparse_refresh`).
+            wide classifier head over a small batch) is refreshed at steps 0, 4, 16, 64, ... up
+            to its own budgeted period, then at that period (:attr:`sparse_refresh`).
         debias_factors: the factors as the moving average normalized by the weight each has
             gathered (Adam's bias correction, :class:`~kfac_ext.curvature.Curvature`): the
             first steps' statistics, from the initial weights, do not outweigh later ones (False:
@@ -338,10 +337,12 @@ class KFACPreconditioner:
         factor widths and the rows each layer computed over this step (its forward and backward
         GEMMs: 6 flops per row and weight), averaged over the ranks so that every rank refreshes
         the same factors at the same steps (every rank asks, at the same factor steps, until some
-        layer computed anything). A factor whose one decomposition costs more than its own layer's
+        layer computed anything). A block whose decompositions cost more than its own layer's
         work over :data:`~kfac_ext.util.REFRESH_BUDGET` steps (a 513-wide A of a classifier
-        head over 128 examples: ~300 steps' worth) is refreshed sparsely, at its own budgeted
-        period; the others share one period, budgeted over every layer's work."""
+        head over 128 examples: ~300 steps' worth) is refreshed sparsely, up to its own
+        budgeted period; the others share the period budgeted over every block (the sparse
+        ones' decompositions included: on a small convnet with such a head its convolutions'
+        bases refreshed every 50 steps reach the target in 5 % fewer steps than every 20)."""
         per_decomposition = DECOMPOSITION_FLOPS[self.inversion]
         work = self.topology.mean_values(torch.tensor(
             [0.0 if b.a_diagonal else 6.0 * layer_rows.get(b.name, 0) * b.a_dim * b.g_dim for b in self.blocks],
@@ -349,15 +350,11 @@ class KFACPreconditioner:
         if sum(work) == 0:
             return
         granularity = int(value(self.factor_update_steps, LONGEST_REFRESH))
-        shared, sparse = 0.0, {}
-        for block, layer in zip(self.blocks, work):
-            cost = per_decomposition * ((0 if block.a_diagonal else block.a_dim) ** 3 + block.g_dim ** 3)
-            if layer > 0 and cost > REFRESH_BUDGET * layer:
-                sparse[block.name] = budgeted_period(cost, layer, granularity, longest=None)
-            else:
-                shared += cost
-        self.sparse_refresh = sparse
-        self.refresh_period = budgeted_period(shared, sum(work), granularity)
+        costs = [per_decomposition * ((0 if b.a_diagonal else b.a_dim) ** 3 + b.g_dim ** 3) for b in self.blocks]
+        self.refresh_period = budgeted_period(sum(costs), sum(work), granularity)
+        self.sparse_refresh = {b.name: budgeted_period(cost, layer, granularity, longest=None)
+                               for b, cost, layer in zip(self.blocks, costs, work)
+                               if layer > 0 and cost > REFRESH_BUDGET * layer}
 
     def _fold_statistics(self, stats: Statistics, kinds: tuple[str, ...]) -> None:
         self.curvature.fold(self.blocks, stats, float(value(self.factor_decay, self.steps)), self.grad_accumulation_steps,

@@ -624,8 +624,8 @@ def test_auto_refresh_budget_is_the_mean_over_the_ranks(runs, world, name, perio
     rows differ (4 and 8; 2, 3 and 7): the last Linear (A 7, G 40) over 12 / world rows on
     average costs 40 · 9 (7³ + 40³) / (6 · 12/world · 7 · 40) = 2298 (2 ranks) or 3447 (3) steps
     of its layer's work at the budget of 1/40, a block refreshed sparsely at that period (a
-    multiple of the factor period, 10); the others share the longest period, 50
-    (40 · 9 (5³ + 9³ + 10³ + 6³) / (6 · 12/world · (5·9 + 10·6 + 7·40)) = 54 or 81 steps)."""
+    multiple of the factor period, 10); the others keep the period budgeted over every block,
+    the longest (40 · 9 Σ n³ / (6 · 12/world · Σ a·g) = 1725 or 2588 steps: 50)."""
     for records in runs[0][world][name]:
         assert records[-1]["refreshes"] == (50, {"4": period})
 
