@@ -183,8 +183,8 @@ class KFACPreconditioner:
         self.factor_update_steps, self.inv_update_steps = factor_update_steps, inv_update_steps
         #: ``inv_update_steps="auto"``'s period once set (None before the first factor update)
         self.refresh_period: int | None = None
-        #: ``inv_update_steps="auto"``: the factors ``"<block>.A"`` / ``"<block>.G"`` refreshed on
-        #: their own sparse schedule (:func:`~kfac_ext.util.sparse_refresh_due`), with its period
+        #: ``inv_update_steps="auto"``: ``{block name: period}`` of the blocks refreshed on their
+        #: own sparse schedule (:func:`~kfac_ext.util.sparse_refresh_due`)
         self.sparse_refresh: dict[str, int] = {}
         self.lr, self.kl_clip = lr, kl_clip
         self.grad_accumulation_steps, self.factor_rows = grad_accumulation_steps, factor_rows

@@ -61,8 +61,8 @@ def budgeted_period(decomposition_flops: float, step_flops: float, granularity: 
 
 
 def sparse_refresh_due(step: int, period: int) -> bool:
-    """The refresh steps of a factor whose one refresh costs more than its layer's work over
-    :data:`REFRESH_BUDGET` steps: 0, 4, 16, 64, ... (the basis ages fourfold between refreshes,
+    """The refresh steps of a block whose decompositions cost more than its layer's work over
+    :data:`REFRESH_BUDGET` steps: 0, 4, 16, 64, ... (its basis ages fourfold between refreshes,
     not twofold) below ``period``, and every ``period`` steps from then on."""
     if step >= period:
         return step % period == 0
