@@ -95,9 +95,6 @@ class Collective(Local):
         flag = super().finite(grads)
         return self.agree(flag) if any(isinstance(g, DTensor) for g in grads) else flag
 
-    def mean(self, loss: Tensor) -> float:
-        return float(self.all_sum(loss.double().to(self.device))) / self.world_size
-
     def mean_values(self, values: Tensor) -> list[float]:
         return (self.all_sum(values.double().to(self.device)) / self.world_size).tolist()
 

@@ -104,8 +104,8 @@ class Local:
         return terms
 
     def mean(self, loss: Tensor) -> float:
-        """``loss`` averaged over the ranks (each saw its own batch)."""
-        return float(loss)
+        """The 0-d ``loss`` averaged over the ranks (each saw its own batch)."""
+        return self.mean_values(loss.reshape(1))[0]
 
     def mean_values(self, values: Tensor) -> list[float]:
         """The 1-d ``values`` averaged elementwise over the ranks."""
