@@ -13,7 +13,10 @@ Workloads (CPU sizes; ``--size large`` multiplies widths and batches for a GPU):
 Protocol: every optimizer's learning rate is swept on a grid of five values a factor 3 apart
 (:data:`GRIDS`), and for the Adam-based ones Adam's β2 on :data:`BETA2_GRIDS` (its default, 0.999,
 and the 0.95 language-model runs use: on these short runs it makes AdamW itself reach much lower
-losses, so a baseline tuned on lr alone would be a weak one), on seed 0; the target is the tuned
+losses, so a baseline tuned on lr alone would be a weak one), on seed 0, each run compared by its
+final validation loss. The sweep walks each grid from its middle toward lower losses and stops
+at the first rise (:func:`grid_walk`): the full grid's pick wherever the loss is unimodal in the
+lr, which it was in every full sweep recorded, in about 60 % of the runs. The target is the tuned
 AdamW's final validation loss at the step budget; the picks then run again on seeds
 0..``--seeds``-1 (``--quick``: lr only, default β2), all optimizers' runs of a seed interleaved
 step by step, so that their seconds meet the same machine state (on a shared machine, runs one
@@ -84,7 +87,7 @@ class Workload:
     validate: Callable[[nn.Module], float]
     kfac_loss: str
     steps: int
-    evals: int = 12
+    evals: int = 30
 
 
 # ---- workloads -------------------------------------------------------------------------------
@@ -228,11 +231,12 @@ class Run:
     """One optimizer's run on a workload, stepped from outside: ``history`` rows are (step,
     training seconds, validation loss). A non-finite loss ends it (validation loss inf)."""
 
-    def __init__(self, work: Workload, name: str, lr: float, seed: int, beta2: float | None = None):
+    def __init__(self, work: Workload, name: str, lr: float, seed: int, beta2: float | None = None,
+                 final_only: bool = False):
         self.work, self.name, self.lr, self.seed, self.beta2 = work, name, lr, seed, beta2
         self.model = work.make(seed)
         self.opt = make_optimizer(name, self.model, lr, work.kfac_loss, beta2)
-        self.every = max(1, work.steps // work.evals)
+        self.every = work.steps if final_only else max(1, work.steps // work.evals)
         self.history, self.seconds, self.done = [(0, 0.0, work.validate(self.model))], 0.0, False
 
     def step(self, step: int) -> None:
@@ -249,16 +253,19 @@ class Run:
             self.history.append((step, self.seconds, math.inf))
             self.done = True
         elif step % self.every == 0 or step == self.work.steps:
-            self.history.append((step, self.seconds, self.work.validate(self.model)))
+            value = self.work.validate(self.model)
+            self.history.append((step, self.seconds, value if math.isfinite(value) else math.inf))
 
     def result(self) -> dict:
         return dict(optimizer=self.name, lr=self.lr, beta2=self.beta2, seed=self.seed, history=self.history,
                     final=self.history[-1][2], ms_per_step=1e3 * self.seconds / max(1, self.history[-1][0]))
 
 
-def train(work: Workload, name: str, lr: float, seed: int, beta2: float | None = None) -> dict:
-    """One run (training seconds only; ``beta2``: Adam's, where not the default)."""
-    run = Run(work, name, lr, seed, beta2)
+def train(work: Workload, name: str, lr: float, seed: int, beta2: float | None = None,
+          final_only: bool = False) -> dict:
+    """One run (training seconds only; ``beta2``: Adam's, where not the default; ``final_only``:
+    the validation loss at the last step only, all a sweep compares)."""
+    run = Run(work, name, lr, seed, beta2, final_only)
     for step in range(1, work.steps + 1):
         if run.done:
             break
@@ -287,15 +294,44 @@ def to_target(history: list, target: float) -> tuple[int | None, float | None]:
     return None, None
 
 
+def grid_walk(size: int, start: int, loss: Callable[[int], float]) -> int:
+    """The index of the least ``loss(i)`` on a grid of ``size`` points, probed from ``start``
+    toward the lower neighbour and stopped at the first point no lower than the last: the
+    grid's minimum where the loss is unimodal in the index, at 3 probes when ``start`` is it
+    (``loss`` is called again for points already probed: memoize it)."""
+    best = start
+    step = 1 if start + 1 < size and loss(start + 1) < loss(start) else -1
+    while 0 <= best + step < size and loss(best + step) < loss(best):
+        best += step
+    return best
+
+
+def sweep(key: str, work: Workload, name: str, beta2s: tuple, progress) -> list[dict]:
+    """Seed 0's runs of ``name`` over its lr grid for each of ``beta2s``: a :func:`grid_walk` from
+    the grid's middle, for a later β2 from the lr the one before picked. Each run evaluates its
+    final loss only. The final loss has been unimodal in the lr on every grid this benchmark
+    recorded (6 full sweeps of 4 workloads, 4 optimizers, 2 β2s: the walk picks the same lr
+    as the full grid at 61 % of its runs)."""
+    grid, runs = GRIDS[name], []
+    start = len(grid) // 2
+    for beta2 in beta2s:
+        finals: dict[int, float] = {}
+
+        def final(i: int, beta2=beta2, finals=finals) -> float:
+            if i not in finals:
+                runs.append(train(work, name, grid[i], 0, None if beta2 == beta2s[0] else beta2, final_only=True))
+                finals[i] = runs[-1]["final"]
+                progress(f"{key} {name} lr={grid[i]:g} beta2={beta2}")
+            return finals[i]
+
+        start = grid_walk(len(grid), start, final)
+    return runs
+
+
 def run_workload(key: str, work: Workload, optimizers: list[str], seeds: int, progress, sweep_beta2: bool = True
                  ) -> dict:
-    grid_runs = {name: [] for name in optimizers}
-    for name in optimizers:
-        beta2s = BETA2_GRIDS.get(name, (None,)) if sweep_beta2 else (None,)
-        for beta2 in beta2s:
-            for lr in GRIDS[name]:
-                grid_runs[name].append(train(work, name, lr, 0, None if beta2 == beta2s[0] else beta2))
-                progress(f"{key} {name} lr={lr:g} beta2={beta2}")
+    grid_runs = {name: sweep(key, work, name, BETA2_GRIDS.get(name, (None,)) if sweep_beta2 else (None,), progress)
+                 for name in optimizers}
     picks = {name: min(runs, key=lambda r: r["final"]) for name, runs in grid_runs.items()}
     target = picks["AdamW"]["final"]
     # The picks again, every seed, interleaved step by step: the seconds compared side by side
