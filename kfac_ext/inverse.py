@@ -126,10 +126,11 @@ class Inverses:
     def update(self, blocks: list[Block], factors: list[Tensor], damping: list[float], invert_everywhere,
                counters: dict, warned: set[str], due: list[bool] | None = None) -> None:
         """New records for ``blocks`` from ``factors`` (every block's A, then every block's G, in
-        the inverses' dtype) and their damping. ``invert_everywhere(factors, invert)`` runs
-        ``invert(positions)`` where the topology says and returns every record (:data:`REMOTE`
-        where another rank holds it) with the statuses. ``due[j]`` False: factor ``j`` keeps the
-        record it has (the same object), not inverted (a factor without one is inverted anyway).
+        the inverses' dtype) and their damping. ``invert_everywhere(factors, invert, fresh)``
+        runs ``invert(positions)`` where the topology says and returns every record
+        (:data:`REMOTE` where another rank holds it) with the statuses; ``fresh[j]``: factor
+        ``j`` gets a new record. ``due[j]`` False: factor ``j`` keeps the record it has (the
+        same object), not inverted (a factor without one is inverted anyway).
         A failed inversion keeps the previous record, or the identity before there is one (warned
         once per factor)."""
         n = len(blocks)
@@ -143,8 +144,10 @@ class Inverses:
             pairs = [by_position.get(j, (previous[j], int(Status.OK))) for j in positions]
             return [r for r, _ in pairs], [c for _, c in pairs]
 
-        results, status = invert_everywhere(factors, invert)
-        results = [previous[j] if kept[j] else r for j, r in enumerate(results)]  # not a broadcast copy of it
+        results, status = invert_everywhere(factors, invert, [not k for k in kept])
+        # a kept record is the one this rank holds (the topology returns REMOTE where another rank
+        # inverts that factor, and sends nothing for it)
+        results = [previous[j] if kept[j] else r for j, r in enumerate(results)]
         for i, block in enumerate(blocks):
             sides = []
             for k, side in enumerate("AG"):

@@ -261,14 +261,17 @@ class KFACPreconditioner:
 
     def is_inverse_step(self) -> bool:
         """Some factor's inverse (or basis) is refreshed in this step."""
-        return self._shared_refresh_due() or any(sparse_refresh_due(self.steps, p) for p in self.sparse_refresh.values())
+        return self.is_shared_inverse_step() or any(sparse_refresh_due(self.steps, p)
+                                                    for p in self.sparse_refresh.values())
 
-    def _shared_refresh_due(self) -> bool:
+    def is_shared_inverse_step(self) -> bool:
+        """The blocks not on a sparse schedule of their own (:attr:`sparse_refresh`) are
+        refreshed in this step."""
         return self.steps % max(1, int(value(self._inverse_schedule(), self.steps))) == 0
 
     def _due_factors(self, blocks: list[Block]) -> list[bool]:
         """Which factors of ``blocks`` (every A, then every G) are refreshed in this step."""
-        shared = self._shared_refresh_due()
+        shared = self.is_shared_inverse_step()
         due = [sparse_refresh_due(self.steps, self.sparse_refresh[b.name]) if b.name in self.sparse_refresh else shared
                for b in blocks]
         return due + due
@@ -378,7 +381,8 @@ class KFACPreconditioner:
         factors, damping = self.curvature.damped(blocks, float(value(self.damping, self.steps)), self.damping_mode,
                                                  self.inv_dtype)
         inverse_form = self.inverses.inverse_form
-        self.inverses.update(blocks, factors, damping, lambda f, invert: self.topology.invert(f, invert, inverse_form),
+        self.inverses.update(blocks, factors, damping,
+                             lambda f, invert, fresh: self.topology.invert(f, invert, inverse_form, fresh),
                              self._stats, self._warned, self._due_factors(blocks) if due_only else None)
         self._stats["inverse_updates"] += 1
         if "non-finite gradients" not in self._warned:

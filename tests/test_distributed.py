@@ -631,6 +631,22 @@ def test_auto_refresh_budget_is_the_mean_over_the_ranks(runs, world, name, perio
 
 
 @pytest.mark.parametrize("world", RUNS)
+def test_broadcast_mode_sends_only_the_refreshed_eigenpairs(runs, world):
+    """Mode "a" (owners broadcast every eigenpair they compute): over the 6 steps of
+    "auto-sparse-a" the factors are refreshed at steps 0, 1, 2 and 4 (the doubling warm-up), the
+    last Linear's (A 7, G 40, its own sparse schedule) only at 0 and 4. A kept eigenpair is not
+    sent again: every rank counts each broadcast buffer, float64 eigenvalues and eigenvectors,
+    d + d² numbers for a factor d wide."""
+    sizes = [5, 10, 7, 9, 6, 40]  # A of each Linear, then G
+    pair = {d: d + d * d for d in sizes}
+    every = sum(pair.values())
+    sparse_block = pair[7] + pair[40]
+    want = 8 * (4 * every - 2 * sparse_block)
+    for records in runs[0][world]["auto-sparse-a"]:
+        assert records[-1]["comm_bytes"]["inverses"] == want
+
+
+@pytest.mark.parametrize("world", RUNS)
 def test_unequal_batches_average_each_ranks_own_statistics(runs, world):
     """Unequal per-rank batches (2 ranks: 4 + 8 rows; 3 ranks: 2 + 3 + 7): the factors after each
     step are the mean over the ranks of each rank's own statistics (A over its rows, G weighted

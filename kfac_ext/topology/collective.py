@@ -134,10 +134,12 @@ class Collective(Local):
 
     # ---- inversion ---------------------------------------------------------------------------
 
-    def invert(self, factors: list[Tensor], invert: Invert, inverse_form: bool) -> tuple[list[InverseRecord], list[int]]:
+    def invert(self, factors: list[Tensor], invert: Invert, inverse_form: bool, fresh: list[bool]
+               ) -> tuple[list[InverseRecord], list[int]]:
         """Each factor inverted only by its owner (diagonal factors, cheap, by every rank); the
         statuses all-reduced, so a failed inversion leads every rank to the same fallback. With
-        :attr:`holds_every_inverse` the owners broadcast the results; else they stay there."""
+        :attr:`holds_every_inverse` the owners broadcast the fresh results (every rank holds the
+        kept ones already); else they stay there."""
         n = len(factors)
         mine = [i for i in range(n) if self._factor_owner[i] == self.rank or factors[i].dim() == 1]
         results: list[InverseRecord] = [REMOTE] * n
@@ -152,17 +154,19 @@ class Collective(Local):
         self._count("flags", status)
         status_work = dist.all_reduce(status, group=self.group, async_op=True)
         if self.holds_every_inverse:
-            self._broadcast_results(results, factors, inverse_form)
+            self._broadcast_results(results, factors, inverse_form, fresh)
         status_work.wait()
         return results, status.tolist()
 
-    def _broadcast_results(self, results: list, factors: list[Tensor], inverse_form: bool) -> None:
-        """Every owner's dense results to every rank, one flat buffer per owner: an inverse's
-        upper triangle, or an eigenpair's values and vectors."""
+    def _broadcast_results(self, results: list, factors: list[Tensor], inverse_form: bool, fresh: list[bool]
+                           ) -> None:
+        """Every owner's fresh dense results to every rank, one flat buffer per owner: an
+        inverse's upper triangle, or an eigenpair's values and vectors."""
         dtype, device = factors[0].dtype, factors[0].device  # the factors come in the inverses' dtype
         pending = []
         for src in range(self.world_size):
-            idx = [i for i, owner in enumerate(self._factor_owner) if owner == src and factors[i].dim() == 2]
+            idx = [i for i, owner in enumerate(self._factor_owner)
+                   if owner == src and factors[i].dim() == 2 and fresh[i]]
             if not idx:
                 continue
             dims = [factors[i].shape[0] for i in idx]

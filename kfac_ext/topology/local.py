@@ -77,11 +77,13 @@ class Local:
     def average(self, factors: list[Tensor]) -> None:
         """Every factor becomes its mean over the ranks (in place)."""
 
-    def invert(self, factors: list[Tensor], invert: Invert, inverse_form: bool) -> tuple[list[InverseRecord], list[int]]:
+    def invert(self, factors: list[Tensor], invert: Invert, inverse_form: bool, fresh: list[bool]
+               ) -> tuple[list[InverseRecord], list[int]]:
         """Every factor's damped inverse record (``REMOTE`` where another rank holds it) and its
         status, the same statuses on every rank, ``invert`` run on this rank's share of the
         positions. ``inverse_form``: the records are :class:`~kfac_ext.inverse.Inverse`, else
-        :class:`~kfac_ext.inverse.EigenPair`."""
+        :class:`~kfac_ext.inverse.EigenPair`. ``fresh[j]`` False: factor ``j`` keeps the record
+        every rank holding it has (``invert`` returns that one), so it is not sent."""
         return invert(list(range(len(factors))))
 
     # ---- adaptive damping: the quadratic model ------------------------------------------------
