@@ -155,7 +155,8 @@ class KFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         precond = self.preconditioner
-        schedule = dict(factor_due=precond.is_factor_step(), basis_due=precond.is_inverse_step(),
+        # a blockless matrix's basis goes with the blocks on the shared schedule
+        schedule = dict(factor_due=precond.is_factor_step(), basis_due=precond.is_shared_inverse_step(),
                         decay=float(value(precond.factor_decay, precond.steps)))
         finite = self.preconditioner.step()
         others = [p.grad for p in self._params() if p.grad is not None and id(p) not in self._block_params]

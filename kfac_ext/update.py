@@ -203,7 +203,8 @@ class GradientBasisAdam:
     parameters no K-FAC block covers (a tied input / output embedding, whose gradient mixes two
     layers' Kronecker structures; a bare ``nn.Parameter`` matrix): ``L = E[∇∇ᵀ]`` and
     ``R = E[∇ᵀ∇]``, Shampoo's factors as SOAP uses them, moving averages updated on K-FAC's factor
-    steps, their eigenbases refreshed on its inverse steps, and Adam's moments kept and carried
+    steps, their eigenbases refreshed on its shared inverse steps (those of the blocks not
+    refreshed on a sparse schedule of their own), and Adam's moments kept and carried
     between bases as in :class:`EigenbasisAdam` (the same native op). A side wider than
     ``max_dim`` is not rotated (Adam's own coordinates there); such a parameter is handled
     transposed, so that the rotated side is the op's first. Float32 and float64 parameters (the

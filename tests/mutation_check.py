@@ -404,6 +404,16 @@ MUTATIONS = [
        "return values.tolist()",
        [f"{T_DIST}::test_auto_refresh_budget_is_the_mean_over_the_ranks"],
        "each rank budgets refreshes from its own rows: ranks with unequal batches refresh apart"),
+    _m("broadcast-kept-records", "topology/collective.py",
+       "if owner == src and factors[i].dim() == 2 and fresh[i]]",
+       "if owner == src and factors[i].dim() == 2]",
+       [f"{T_DIST}::test_broadcast_mode_sends_only_the_refreshed_eigenpairs"],
+       "owners re-send the eigenpairs every rank kept at a step that refreshed only other factors"),
+    _m("matrix-basis-on-sparse-refresh", "optimizer.py",
+       "basis_due=precond.is_shared_inverse_step()",
+       "basis_due=precond.is_inverse_step()",
+       [f"{T_RULES}::test_a_blockless_matrix_refreshes_its_basis_on_the_blocks_shared_schedule"],
+       "a blockless matrix's basis is also refreshed whenever a sparsely refreshed block is"),
 ]
 
 

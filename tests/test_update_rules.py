@@ -262,6 +262,42 @@ def test_matrices_without_a_block_get_adam_in_their_gradient_eigenbasis(shape):
     assert opt.preconditioner.stats["nonfinite_grad_steps"] == 2
 
 
+class HeadOverFewRowsWithMatrix(nn.Module):
+    """A convolution and a 512-wide classifier head over 16 examples (the head's decompositions
+    outweigh its layer: ``inv_update_steps="auto"`` refreshes it at 0, 4, 16, 64, ...), then a
+    bare 10x10 matrix that no block covers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
+        self.mix = nn.Parameter(torch.eye(10) + 0.1 * torch.randn(10, 10))
+
+    def forward(self, x):
+        return self.body(x) @ self.mix
+
+
+def test_a_blockless_matrix_refreshes_its_basis_on_the_blocks_shared_schedule():
+    """A blockless matrix's basis is refreshed with the blocks on the shared schedule (0, 1, 2,
+    4, ..., 32, then every 50), not at the steps where only a sparsely refreshed block is (64)."""
+    model = HeadOverFewRowsWithMatrix()
+    opt = KFAC(model, lr=1e-3, loss="cross_entropy")
+    precond = opt.preconditioner
+    x, y = torch.randn(16, 3, 8, 8), torch.zeros(16, dtype=torch.long)
+    bases, heads = [], []
+    for _ in range(70):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        before = opt.state[model.mix].get("q_g"), precond.inverses.records.get("body.3", (None,))[0]
+        opt.step()
+        bases.append(before[0] is not None and opt.state[model.mix]["q_g"] is not before[0])
+        heads.append(before[1] is not None and precond.inverses.records["body.3"][0] is not before[1])
+    assert (precond.refresh_period, list(precond.sparse_refresh)) == (50, ["body.3"])
+    refreshed = lambda flags: [step for step, f in enumerate(flags) if f]  # noqa: E731
+    assert refreshed(heads) == [4, 16, 64]
+    assert refreshed(bases) == [1, 2, 4, 8, 16, 32, 50]
+
+
 @pytest.mark.parametrize("update,make", [("eigen-adam", net), ("adamw", net), ("eigen-adam", WithMatrix)],
                          ids=["eigen-adam", "adamw", "eigen-adam-matrix"])
 def test_checkpoint_resumes_the_same_trajectory(update, make):
