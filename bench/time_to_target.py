@@ -232,7 +232,8 @@ def available_optimizers() -> list[str]:
 
 class Run:
     """One optimizer's run on a workload, stepped from outside: ``history`` rows are (step,
-    training seconds, validation loss). A non-finite loss ends it (validation loss inf)."""
+    training seconds, validation loss), from step 0 (``final_only``: the last step's row only).
+    A non-finite loss ends it (validation loss inf)."""
 
     def __init__(self, work: Workload, name: str, lr: float, seed: int, beta2: float | None = None,
                  final_only: bool = False):
@@ -240,7 +241,8 @@ class Run:
         self.model = work.make(seed)
         self.opt = make_optimizer(name, self.model, lr, work.kfac_loss, beta2)
         self.every = work.steps if final_only else max(1, work.steps // work.evals)
-        self.history, self.seconds, self.done = [(0, 0.0, work.validate(self.model))], 0.0, False
+        self.history = [] if final_only else [(0, 0.0, work.validate(self.model))]
+        self.seconds, self.done = 0.0, False
 
     def step(self, step: int) -> None:
         x, y = self.work.batch(step, self.seed)

@@ -139,7 +139,9 @@ class Collective(Local):
         """Each factor inverted only by its owner (diagonal factors, cheap, by every rank); the
         statuses all-reduced, so a failed inversion leads every rank to the same fallback. With
         :attr:`holds_every_inverse` the owners broadcast the fresh results (every rank holds the
-        kept ones already); else they stay there."""
+        kept ones already); else they stay there. ``fresh`` is the same on every rank, as the
+        broadcasts' sizes must be: the due factors are (the schedule and the budget are agreed),
+        and so are the records held, in this mode the owners' broadcasts or one checkpoint's."""
         n = len(factors)
         mine = [i for i in range(n) if self._factor_owner[i] == self.rank or factors[i].dim() == 1]
         results: list[InverseRecord] = [REMOTE] * n
