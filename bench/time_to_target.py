@@ -35,7 +35,7 @@ length, ``bench/grafting.py``).
 
     python bench/time_to_target.py [--quick] [--workloads a,b] [--optimizers a,b] [--seeds N]
 
-About 10 minutes on 2 AMD EPYC cores (``--quick``: about 1 minute). Writes
+About 10–15 minutes on 2 AMD EPYC cores (``--quick``: about 1 minute). Writes
 ``time_to_target.json`` and ``time_to_target.png`` (validation loss vs training seconds and vs
 steps, each optimizer's pick on seed 0) under ``--out`` and prints Markdown tables.
 """
